@@ -1,0 +1,383 @@
+"""One typed config tree for a run.
+
+Merged in this order (later wins): the dataclass defaults below, the YAML file given as
+``config=path.yaml``, then dotted CLI overrides::
+
+    python3 -m megatron_guided.train config=examples/tiny_cpu.yaml worker.rollout.n=4
+
+Key names follow the original Guided-GRPO / EasyR1 configs (``data.*``, ``worker.actor.*``,
+``worker.rollout.*``, ``worker.reward.*``, ``algorithm.*``, ``trainer.*``). Unknown keys, wrong
+types and violated cross-field constraints fail at start with a :class:`ConfigError` that names
+the dotted key and the fix. :func:`validate` never mutates the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or inconsistent; the message names the key and the fix."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train_files: str = "data/arith_easy/train.jsonl"
+    """jsonl/json/parquet file, a folder of them, or a local `datasets` directory (`path@split`)."""
+    val_files: str = ""
+    """Same forms as train_files; empty disables validation."""
+    prompt_key: str = "problem"
+    answer_key: str = "answer"
+    image_key: str = "images"
+    image_dir: str | None = None
+    """Folder that relative image paths are resolved against."""
+    max_prompt_length: int = 512
+    """Prompts longer than this (in tokens, after the chat template) are dropped and counted."""
+    max_response_length: int = 512
+    """Most tokens the policy may generate for one sample."""
+    rollout_batch_size: int = 32
+    """Prompts per training step (each is sampled worker.rollout.n times)."""
+    val_batch_size: int = -1
+    """Prompts per validation generation batch; -1 = all at once."""
+    val_max_samples: int = -1
+    """Cap on validation prompts; -1 = all."""
+    system_prompt: str | None = None
+    format_prompt: str | None = None
+    """Path to a Jinja template that receives `content` (the problem text) and returns the prompt."""
+    shuffle: bool = True
+    seed: int = 1
+    skip_bad_rows: bool = False
+    """true: malformed rows are skipped and counted; false: the first one raises, naming file and row."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    model_path: str = "models/tiny-qwen2"
+    """Local HF folder, or a hub repo id (resolved with huggingface-hub where a network exists)."""
+    tokenizer_path: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16."""
+    attn_implementation: str = "eager"
+    """eager | sdpa | flash_attention_2 (packed, padding-free micro-batches need flash_attention_2)."""
+    enable_gradient_checkpointing: bool = False
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    lr_warmup_steps: int = 0
+    lr_scheduler_type: str = "constant"
+    """constant | linear | cosine (decay after warmup to min_lr_ratio·lr at the last step)."""
+    min_lr_ratio: float = 0.0
+
+
+@dataclass(kw_only=True)
+class ActorConfig:
+    backend: str = "torch"
+    """torch (transformers model in this process) | megatron."""
+    global_batch_size: int = 16
+    """Prompts per optimizer step (mini-batch); its samples are global_batch_size × rollout.n."""
+    micro_batch_size_per_device_for_update: int = 64
+    """Most sequences in one forward/backward micro-batch."""
+    micro_batch_size_per_device_for_experience: int = 128
+    """Most sequences in one log-prob forward micro-batch."""
+    max_token_len_per_micro_batch: int = 16384
+    """Token budget of one micro-batch (prompt + response tokens, padded length × rows)."""
+    ppo_epochs: int = 1
+    max_grad_norm: float = 1.0
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.3
+    clip_ratio_dual: float = 3.0
+    """Dual-clip constant c for negative advantages; <= 1 disables dual clip."""
+    loss_type: str = "default"
+    """default (PPO clip) | gspo | cispo."""
+    loss_avg_mode: str = "token"
+    """token (= token-mean) | seq (= seq-mean-token-mean) | seq-mean-token-sum | seq-mean-token-sum-norm."""
+    padding_free: bool = True
+    """Pack micro-batches without padding when the attention implementation supports it."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass(kw_only=True)
+class ValOverrideConfig:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    n: int = 1
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    name: str = "hf"
+    """hf (in-process transformers engine with KV-cache reuse) | sglang."""
+    n: int = 8
+    """Samples per prompt (the group size of group-relative estimators)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int = 1
+    """Base seed; every sample of every step gets its own seed derived from it."""
+    stop: list[str] = field(default_factory=list)
+    max_num_batched_tokens: int = 8192
+    """Token budget of one generation batch; must hold data.max_prompt_length + data.max_response_length."""
+    val_override_config: ValOverrideConfig = field(default_factory=ValOverrideConfig)
+
+
+@dataclass(kw_only=True)
+class RewardConfig:
+    reward_type: str = "batch"
+    """batch (fn(list[dict]) -> list[dict]) | sequential (fn(dict) -> dict)."""
+    reward_function: str = "examples/reward_function/math.py:compute_score"
+    """`path/to/file.py:function_name`."""
+    reward_function_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class WorkerConfig:
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+@dataclass(kw_only=True)
+class AlgorithmConfig:
+    adv_estimator: str = "grpo"
+    """grpo | dr_grpo | rloo | reinforce_plus_plus."""
+    gamma: float = 1.0
+    """Discount of reinforce_plus_plus returns."""
+    use_kl_loss: bool = False
+    """true: kl_coef·KL(π‖π_ref) is added to the loss; false with kl_coef > 0: subtracted from the reward."""
+    kl_penalty: str = "low_var_kl"
+    """k1 (kl) | k2 (mse) | k3 (low_var_kl)."""
+    kl_coef: float = 0.0
+    online_filtering: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal (zero advantage everywhere)."""
+    overlong_buffer_len: int = 0
+    """DAPO overlong shaping: linear penalty over the last this-many tokens of max_response_length; 0 = off."""
+    overlong_penalty_factor: float = 1.0
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    total_epochs: int = 15
+    max_steps: int | None = None
+    """Stop after this many steps (overrides total_epochs when smaller)."""
+    project_name: str = "megatron_guided"
+    experiment_name: str = "tiny_cpu"
+    logger: list[str] = field(default_factory=lambda: ["console", "file", "tensorboard"])
+    """Any of console | file (metrics.jsonl) | tensorboard | wandb."""
+    wandb_mode: str = "offline"
+    """offline | online (needs WANDB_API_KEY in the environment)."""
+    output_dir: str | None = None
+    """Where logs and the resolved config go; default outputs/<project>/<experiment>."""
+    val_freq: int = -1
+    """Validate every this-many steps (and after the last); -1 = never during training."""
+    val_before_train: bool = True
+    val_sampled_n: int = 0
+    """Also validate at the rollout temperature with this many samples per prompt; 0 = greedy only."""
+    val_only: bool = False
+    save_freq: int = -1
+    """Checkpoint every this-many steps (and after the last); -1 = only after the last step."""
+    save_limit: int = 2
+    """keep_last: how many checkpoints to keep; -1 = all."""
+    save_checkpoint_path: str | None = None
+    """Default checkpoints/<project>/<experiment>."""
+    load_checkpoint_path: str | None = None
+    find_last_checkpoint: bool = True
+    """Resume from the newest checkpoint under save_checkpoint_path when one exists."""
+    seed: int = 1
+    num_threads: int = 0
+    """torch intra-op threads on CPU; 0 = torch's default."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        t = self.trainer
+        return Path(t.output_dir or f"outputs/{t.project_name}/{t.experiment_name}")
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        t = self.trainer
+        return Path(t.save_checkpoint_path or f"checkpoints/{t.project_name}/{t.experiment_name}")
+
+
+ADV_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus")
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+LOSS_TYPES = ("default", "gspo", "cispo")
+LOSS_AVG_MODES = {
+    "token": "token-mean",
+    "token-mean": "token-mean",
+    "seq": "seq-mean-token-mean",
+    "seq-mean-token-mean": "seq-mean-token-mean",
+    "seq-mean-token-sum": "seq-mean-token-sum",
+    "seq-mean-token-sum-norm": "seq-mean-token-sum-norm",
+}
+KL_PENALTIES = ("k1", "kl", "k2", "mse", "k3", "low_var_kl")
+LOGGERS = ("console", "file", "tensorboard", "wandb")
+
+
+def _check_choice(key: str, value: Any, allowed: Any) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {sorted(allowed)}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; raises ConfigError naming the dotted key and the fix."""
+    data, actor, rollout = cfg.data, cfg.worker.actor, cfg.worker.rollout
+    algo, trainer = cfg.algorithm, cfg.trainer
+    _check_choice("algorithm.adv_estimator", algo.adv_estimator, ADV_ESTIMATORS)
+    _check_choice("algorithm.kl_penalty", algo.kl_penalty, KL_PENALTIES)
+    _check_choice("worker.actor.loss_type", actor.loss_type, LOSS_TYPES)
+    _check_choice("worker.actor.loss_avg_mode", actor.loss_avg_mode, LOSS_AVG_MODES)
+    _check_choice("worker.actor.backend", actor.backend, ("torch", "megatron"))
+    _check_choice("worker.actor.model.dtype", actor.model.dtype, ("float32", "bfloat16", "float16"))
+    _check_choice("worker.actor.optim.lr_scheduler_type", actor.optim.lr_scheduler_type,
+                  ("constant", "linear", "cosine"))
+    _check_choice("worker.rollout.name", rollout.name, ("hf", "sglang"))
+    _check_choice("worker.reward.reward_type", cfg.worker.reward.reward_type, ("batch", "sequential"))
+    _check_choice("trainer.wandb_mode", trainer.wandb_mode, ("offline", "online"))
+    for name in trainer.logger:
+        _check_choice("trainer.logger", name, LOGGERS)
+
+    if algo.adv_estimator in GROUP_ESTIMATORS and rollout.n < 2:
+        raise ConfigError(
+            f"worker.rollout.n={rollout.n}: the group estimator algorithm.adv_estimator="
+            f"{algo.adv_estimator} needs n >= 2 samples per prompt; set worker.rollout.n=2 or more, "
+            "or use algorithm.adv_estimator=reinforce_plus_plus")
+    budget = data.max_prompt_length + data.max_response_length
+    if rollout.max_num_batched_tokens < budget:
+        raise ConfigError(
+            f"worker.rollout.max_num_batched_tokens={rollout.max_num_batched_tokens} must be >= "
+            f"data.max_prompt_length + data.max_response_length = {budget}; raise it to {budget} "
+            "or shorten the lengths")
+    if actor.max_token_len_per_micro_batch < budget:
+        raise ConfigError(
+            f"worker.actor.max_token_len_per_micro_batch={actor.max_token_len_per_micro_batch} must "
+            f"hold one full sequence (data.max_prompt_length + data.max_response_length = {budget})")
+    if data.rollout_batch_size % actor.global_batch_size:
+        raise ConfigError(
+            f"data.rollout_batch_size={data.rollout_batch_size} must be a multiple of "
+            f"worker.actor.global_batch_size={actor.global_batch_size} (prompts per optimizer step)")
+    if actor.global_batch_size > data.rollout_batch_size:
+        raise ConfigError("worker.actor.global_batch_size must be <= data.rollout_batch_size")
+    positives = {
+        "data.max_prompt_length": data.max_prompt_length,
+        "data.max_response_length": data.max_response_length,
+        "data.rollout_batch_size": data.rollout_batch_size,
+        "worker.actor.global_batch_size": actor.global_batch_size,
+        "worker.actor.micro_batch_size_per_device_for_update": actor.micro_batch_size_per_device_for_update,
+        "worker.actor.micro_batch_size_per_device_for_experience":
+            actor.micro_batch_size_per_device_for_experience,
+        "worker.actor.ppo_epochs": actor.ppo_epochs,
+        "worker.rollout.n": rollout.n,
+        "trainer.total_epochs": trainer.total_epochs,
+    }
+    for key, value in positives.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    if not 0.0 <= rollout.temperature:
+        raise ConfigError(f"worker.rollout.temperature={rollout.temperature} must be >= 0")
+    if not 0.0 < rollout.top_p <= 1.0:
+        raise ConfigError(f"worker.rollout.top_p={rollout.top_p} must be in (0, 1]")
+    if actor.clip_ratio_low < 0 or actor.clip_ratio_high < 0:
+        raise ConfigError("worker.actor.clip_ratio_low/high must be >= 0")
+    if actor.optim.lr <= 0:
+        raise ConfigError(f"worker.actor.optim.lr={actor.optim.lr} must be > 0")
+    if ":" not in cfg.worker.reward.reward_function:
+        raise ConfigError(
+            f"worker.reward.reward_function={cfg.worker.reward.reward_function!r} must look like "
+            "path/to/file.py:function_name")
+    if algo.overlong_buffer_len >= data.max_response_length:
+        raise ConfigError(
+            f"algorithm.overlong_buffer_len={algo.overlong_buffer_len} must be < "
+            f"data.max_response_length={data.max_response_length}")
+    if algo.kl_coef > 0 and not algo.use_kl_loss and algo.adv_estimator != "reinforce_plus_plus":
+        raise ConfigError(
+            f"algorithm.kl_coef={algo.kl_coef} with algorithm.use_kl_loss=false puts the KL into the reward, "
+            "which needs a token-level estimator: set algorithm.use_kl_loss=true or "
+            "algorithm.adv_estimator=reinforce_plus_plus")
+    if trainer.max_steps is not None and trainer.max_steps <= 0:
+        raise ConfigError(f"trainer.max_steps={trainer.max_steps} must be > 0 or null")
+
+
+def _omegaconf_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    first_line = str(exc).splitlines()[0]
+    return ConfigError(f"{source}: {key}: {first_line}")
+
+
+def load_config(argv: list[str] | None = None, *, schema: type = Config, check=None):
+    """Build a validated config of type `schema` (default :class:`Config`, checked by :func:`validate`)
+    from ``config=file.yaml`` plus ``dotted.key=value`` arguments."""
+    argv = list(argv or [])
+    check = validate if check is None and schema is Config else check
+    schema = OmegaConf.structured(schema())
+    yaml_path = None
+    overrides = []
+    for arg in argv:
+        if "=" not in arg:
+            raise ConfigError(f"argument {arg!r}: expected key=value (e.g. worker.rollout.n=4)")
+        if arg.startswith("config="):
+            yaml_path = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    merged = schema
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config={yaml_path}: no such file")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as exc:
+            raise _omegaconf_error(exc, str(path)) from None
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc, "command line" if yaml_path is None else f"{yaml_path} + command line") from None
+    if check is not None:
+        check(cfg)
+    return cfg
+
+
+SECRET_KEY_PATTERN = re.compile(r"(api_key|token|secret|password)$", re.IGNORECASE)
+REDACTED = "***redacted***"
+
+
+def to_dict(cfg: Config, *, redact: bool = True) -> dict[str, Any]:
+    """The config as plain data; with redact=True every secret-looking key's value is replaced."""
+    data = dataclasses.asdict(cfg)
+    if redact:
+        data = _redact(data)
+    return data
+
+
+def _redact(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: (REDACTED if SECRET_KEY_PATTERN.search(str(k)) and v else _redact(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redact(v) for v in node]
+    return node
+
+
+def save_resolved(cfg: Config, path: Path) -> None:
+    """Write the resolved config (secrets redacted) as YAML."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))

@@ -1,0 +1,72 @@
+"""Build a Trainer from a Config and run it (``python3 -m megatron_guided.train config=... key=value``)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from megatron_guided.config import Config, ConfigError, load_config
+from megatron_guided.data.dataset import build_prompt_dataset
+from megatron_guided.logging import setup_logging
+from megatron_guided.reward.function import RewardManager
+from megatron_guided.rollout.hf_engine import HFEngine
+from megatron_guided.train.torch_backend import TorchBackend
+from megatron_guided.train.trainer import Trainer
+
+log = logging.getLogger("megatron_guided.train")
+
+
+def build_trainer(cfg: Config) -> Trainer:
+    torch.manual_seed(cfg.trainer.seed)
+    if cfg.trainer.num_threads > 0:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    if cfg.worker.actor.backend != "torch" or cfg.worker.rollout.name != "hf":
+        raise ConfigError("worker.actor.backend=torch and worker.rollout.name=hf are what this build runs; "
+                          "the megatron backend and the sglang engine are not available yet")
+    model_cfg = cfg.worker.actor.model
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer_path or model_cfg.model_path,
+                                              trust_remote_code=model_cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_cfg.model_path, dtype=getattr(torch, model_cfg.dtype),
+        attn_implementation=model_cfg.attn_implementation, trust_remote_code=model_cfg.trust_remote_code)
+    train_data = build_prompt_dataset(cfg.data.train_files, cfg.data, tokenizer)
+    val_data = build_prompt_dataset(cfg.data.val_files, cfg.data, tokenizer) if cfg.data.val_files else None
+    if val_data is not None and cfg.data.val_max_samples > 0:
+        val_data = [val_data[i] for i in range(min(cfg.data.val_max_samples, len(val_data)))]
+    engine = HFEngine(copy.deepcopy(model).eval(), eos_token_ids=_eos_ids(model, tokenizer),
+                      pad_token_id=tokenizer.pad_token_id, decode=tokenizer.decode,
+                      max_batch_tokens=cfg.worker.rollout.max_num_batched_tokens, seed=cfg.worker.rollout.seed)
+    batches_per_epoch = len(train_data) // cfg.data.rollout_batch_size
+    total_steps = min(cfg.trainer.total_epochs * batches_per_epoch, cfg.trainer.max_steps or 10**12)
+    num_mini = cfg.data.rollout_batch_size // cfg.worker.actor.global_batch_size
+    backend = TorchBackend(model, actor=cfg.worker.actor, algorithm=cfg.algorithm,
+                           temperature=cfg.worker.rollout.temperature, num_mini_batches=num_mini,
+                           total_optimizer_steps=total_steps * num_mini * cfg.worker.actor.ppo_epochs,
+                           max_response_length=cfg.data.max_response_length)
+    reward = RewardManager(cfg.worker.reward.reward_function, reward_type=cfg.worker.reward.reward_type,
+                           kwargs=cfg.worker.reward.reward_function_kwargs)
+    return Trainer(cfg, tokenizer=tokenizer, backend=backend, engine=engine, train_data=train_data,
+                   val_data=val_data, reward=reward)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        sys.exit(f"config error: {exc}")
+    build_trainer(cfg).fit()
+
+

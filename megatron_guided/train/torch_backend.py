@@ -1,0 +1,180 @@
+"""TorchBackend: GRPO updates on a transformers causal LM in this process (the CPU default).
+
+Micro-batches are cut by token budget (longest first, padding trimmed per micro-batch). Losses
+are normalised over the whole mini-batch, never per micro-batch, so the gradient does not
+depend on how the mini-batch was split.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron_guided.algo.aggregation import aggregate_loss, masked_mean
+from megatron_guided.algo.kl import KL_ESTIMATORS
+from megatron_guided.algo.policy_loss import POLICY_LOSSES
+from megatron_guided.config import LOSS_AVG_MODES, ActorConfig, AlgorithmConfig, OptimConfig
+from megatron_guided.train.batch import TrainBatch, split_by_token_budget
+
+
+def token_logprobs(logits: Tensor, input_ids: Tensor, *, temperature: float) -> tuple[Tensor, Tensor]:
+    """Logprob and entropy of each next token under softmax(logits / temperature).
+
+    logits [B, L, V], input_ids [B, L] → (logp [B, L-1], entropy [B, L-1]), where
+    logp[:, t] = log softmax(logits[:, t] / T)[input_ids[:, t+1]].
+    """
+    scaled = logits[:, :-1].float() / (temperature if temperature > 0 else 1.0)
+    logp_all = F.log_softmax(scaled, dim=-1)
+    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    """Linear warmup over `lr_warmup_steps` optimizer steps, then constant / linear / cosine decay
+    to `min_lr_ratio`·lr at `total_steps`."""
+    warmup, floor = cfg.lr_warmup_steps, cfg.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.lr_scheduler_type == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if cfg.lr_scheduler_type == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class TorchBackend:
+    """Trains `model` with the configured policy loss; also holds the frozen reference model."""
+
+    def __init__(self, model: torch.nn.Module, *, actor: ActorConfig, algorithm: AlgorithmConfig,
+                 temperature: float, num_mini_batches: int, total_optimizer_steps: int,
+                 max_response_length: int):
+        self.model = model
+        self.actor, self.algorithm = actor, algorithm
+        self.temperature = temperature
+        self.num_mini_batches = num_mini_batches
+        self.max_response_length = max_response_length
+        self.loss_fn = POLICY_LOSSES[{"default": "ppo"}.get(actor.loss_type, actor.loss_type)]
+        self.agg_mode = LOSS_AVG_MODES[actor.loss_avg_mode]
+        self.needs_ref = algorithm.kl_coef > 0
+        self.ref_model = copy.deepcopy(model).eval().requires_grad_(False) if self.needs_ref else None
+        if actor.model.enable_gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=actor.optim.lr, betas=tuple(actor.optim.betas),
+            weight_decay=actor.optim.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, actor.optim, total_optimizer_steps)
+
+    # -- forward passes -------------------------------------------------------------------
+    def _forward(self, model: torch.nn.Module, mb: TrainBatch) -> tuple[Tensor, Tensor]:
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+        return token_logprobs(logits, mb.input_ids, temperature=self.temperature)
+
+    def _micro_batches(self, batch: TrainBatch, *, for_update: bool) -> list[list[int]]:
+        max_rows = (self.actor.micro_batch_size_per_device_for_update if for_update
+                    else self.actor.micro_batch_size_per_device_for_experience)
+        return split_by_token_budget(batch.seq_lens.tolist(), max_tokens=self.actor.max_token_len_per_micro_batch,
+                                     max_rows=max_rows)
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch, *, reference: bool = False) -> Tensor:
+        """Per-token logprobs `[B, L-1]` of the current (or the reference) policy."""
+        model = self.ref_model if reference else self.model
+        out = torch.zeros_like(batch.loss_mask)
+        for rows in self._micro_batches(batch, for_update=False):
+            mb = batch.select(rows)
+            logp, _ = self._forward(model, mb)
+            out[torch.as_tensor(rows), : logp.shape[1]] = logp
+        return out
+
+    @property
+    def recompute_old_logprobs(self) -> bool:
+        """With one epoch over one mini-batch the behaviour policy is the current one: the loss uses
+        detached current logprobs and no extra forward runs."""
+        return self.actor.ppo_epochs > 1 or self.num_mini_batches > 1
+
+    # -- update ---------------------------------------------------------------------------
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """ppo_epochs × mini-batches optimizer steps over `batch`; returns mean metrics."""
+        self.model.train()
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+
+        def record(name: str, value: float) -> None:
+            sums[name] = sums.get(name, 0.0) + value
+            counts[name] = counts.get(name, 0) + 1
+
+        rows = torch.arange(batch.size)
+        for _ in range(self.actor.ppo_epochs):
+            for mini_rows in torch.tensor_split(rows, self.num_mini_batches):
+                if len(mini_rows) == 0:
+                    continue
+                for name, value in self._optimizer_step(batch.select(mini_rows, trim=False)).items():
+                    record(name, value)
+        self.model.eval()
+        return {name: sums[name] / counts[name] for name in sums}
+
+    def _optimizer_step(self, mini: TrainBatch) -> dict[str, float]:
+        global_tokens = mini.loss_mask.sum().clamp(min=1.0)
+        global_seqs = int((mini.loss_mask.sum(-1) > 0).sum().clamp(min=1))
+        stats = {"loss": 0.0, "kl_loss": 0.0, "entropy": 0.0, "clipfrac": 0.0, "ppo_kl": 0.0,
+                 "rollout_logprob_abs_diff": 0.0}
+        self.optimizer.zero_grad(set_to_none=True)
+        for rows in self._micro_batches(mini, for_update=True):
+            mb = mini.select(rows)
+            logp, entropy = self._forward(self.model, mb)
+            old = logp.detach() if mb.old_logprobs is None else mb.old_logprobs
+            per_token, metrics = self._policy_loss(logp, old, mb)
+            loss = aggregate_loss(per_token, mb.loss_mask, mode=self.agg_mode, global_num_tokens=global_tokens,
+                                  global_num_seqs=global_seqs, max_response_len=self.max_response_length)
+            if self.algorithm.use_kl_loss and self.needs_ref:
+                kl = KL_ESTIMATORS[self.algorithm.kl_penalty](logp, mb.ref_logprobs)
+                kl_loss = aggregate_loss(kl, mb.loss_mask, mode=self.agg_mode, global_num_tokens=global_tokens,
+                                         global_num_seqs=global_seqs, max_response_len=self.max_response_length)
+                loss = loss + self.algorithm.kl_coef * kl_loss
+                stats["kl_loss"] += float(kl_loss.detach())
+            loss.backward()
+            weight = float(mb.loss_mask.sum() / global_tokens)
+            stats["loss"] += float(loss.detach())
+            stats["entropy"] += float(masked_mean(entropy.detach(), mb.loss_mask)) * weight
+            stats["clipfrac"] += float(masked_mean(metrics["clipfrac"], mb.loss_mask)) * weight
+            stats["ppo_kl"] += float(masked_mean(metrics["approx_kl"], mb.loss_mask)) * weight
+            stats["rollout_logprob_abs_diff"] += float(
+                masked_mean((logp.detach() - mb.rollout_logprobs).abs(), mb.loss_mask)) * weight
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.actor.max_grad_norm)
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+        stats["grad_norm"] = float(grad_norm)
+        stats["lr"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return stats
+
+    def _policy_loss(self, logp: Tensor, old: Tensor, mb: TrainBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        kwargs: dict[str, Any] = {"clip_ratio_low": self.actor.clip_ratio_low,
+                                  "clip_ratio_high": self.actor.clip_ratio_high}
+        if self.actor.loss_type == "default":
+            kwargs["clip_ratio_dual"] = self.actor.clip_ratio_dual if self.actor.clip_ratio_dual > 1 else None
+        return self.loss_fn(logp, old, mb.advantages, mb.loss_mask, **kwargs)
+
+    # -- weights and state ----------------------------------------------------------------
+    def export_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """HF-named tensors for the generation engine (tied weights appear once)."""
+        yield from self.model.state_dict().items()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
