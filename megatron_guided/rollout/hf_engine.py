@@ -37,7 +37,6 @@ is passed as a prepared 4-D float tensor, which the ``eager`` and ``sdpa`` atten
 from __future__ import annotations
 
 import inspect
-import math
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -63,7 +62,7 @@ class _BufferLayer(DynamicLayer):
     """A cache layer writing into an engine-owned preallocated buffer (no per-step ``torch.cat``).
 
     Either built from existing buffers (``kbuf``/``vbuf``) or lazily allocated on the first ``update``
-    with ``rows x capacity`` slots, the first ``prefix_len`` of which are taken from ``prefix`` (or
+    with ``rows x capacity`` slots, the first ``length`` of which are taken from ``prefix`` (or
     zero-filled when ``prefix`` is None).
     """
 
@@ -230,6 +229,8 @@ class HFEngine:
             raise ValueError(f"max_batch_tokens must be >= 1 or None, got {max_batch_tokens}")
         if not 0.0 < refill_fraction <= 1.0:
             raise ValueError(f"refill_fraction must be in (0, 1], got {refill_fraction}")
+        if not 0.0 < compact_fraction <= 1.0:
+            raise ValueError(f"compact_fraction must be in (0, 1], got {compact_fraction}")
         self.model = model.eval()
         config = model.config
         layer_types = getattr(config, "layer_types", None)
@@ -339,8 +340,8 @@ class HFEngine:
     # Admission and prefill
     # ------------------------------------------------------------------------------------------------------
     def _make_rows(self, requests: Sequence[GenerationRequest]) -> list[_Row]:
+        # Validate everything first, so that a bad request neither consumes sessions nor engine seeds.
         seen: set[str] = set()
-        rows: list[_Row] = []
         for i, req in enumerate(requests):
             if not isinstance(req, GenerationRequest):
                 raise TypeError(f"requests[{i}] is not a GenerationRequest: {type(req).__name__}")
@@ -349,23 +350,29 @@ class HFEngine:
             bad = [t for t in req.prompt_ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"requests[{i}].prompt_ids has ids outside [0, {self.vocab_size}): {bad[:5]}")
-            sp = req.sampling
-            if sp.stop and self.decode is None:
+            if req.sampling.stop and self.decode is None:
                 raise ValueError(f"requests[{i}] has stop strings but the engine has no decode/tokenizer")
             if req.session_id is not None:
                 if req.session_id in seen:
                     raise ValueError(f"session_id {req.session_id!r} appears twice in one generate() call")
                 seen.add(req.session_id)
+
+        rows: list[_Row] = []
+        for i, req in enumerate(requests):
+            sp = req.sampling
             # Seeds are drawn in request order, independently of batching.
             seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng))
             row = _Row(index=i, prompt_ids=list(req.prompt_ids), sampling=sp, session_id=req.session_id, seed=seed)
             if sp.stop:
+                # Stop strings are searched in the decoded tail of the generated ids; a stop string of L
+                # characters completed by the newest token spans at most L tokens (+ slack for tokens
+                # that decode to nothing on their own).
                 row.stop_window = max(len(s) for s in sp.stop) + 16
             if req.session_id is not None:
                 sess = self._sessions.pop(req.session_id, None)
                 if sess is not None:
-                    n = _common_prefix(sess.ids, row.prompt_ids)
-                    n = min(n, len(row.prompt_ids) - 1)
+                    # At least one prompt token must be fed to get next-token logits.
+                    n = min(_common_prefix(sess.ids, row.prompt_ids), len(row.prompt_ids) - 1)
                     if n > 0:
                         row.cached, row.prefix = n, sess
             rows.append(row)
@@ -375,7 +382,7 @@ class HFEngine:
         budget = self.max_batch_tokens
         used = 0
         if batch is not None and budget is not None:
-            used = sum(len(r.prompt_ids) + r.sampling.max_new_tokens for r in batch.rows)
+            used = sum(len(r.prompt_ids) + r.sampling.max_new_tokens for r in batch.rows if r.finish is None)
         admitted: list[_Row] = []
         while pending and len(admitted) < free:
             r = pending[0]
@@ -504,7 +511,8 @@ class HFEngine:
             _BufferLayer(kbuf=k, vbuf=v, length=w) for k, v in zip(batch.kbufs, batch.vbufs, strict=True)
         ]
         mask4 = batch.addmask[:, None, None, : w + 1]
-        logits = self._forward(batch.last[:, None], mask4, batch.next_pos[:, None], _EngineCache(layers), last_only=False)
+        cache = _EngineCache(layers)
+        logits = self._forward(batch.last[:, None], mask4, batch.next_pos[:, None], cache, last_only=False)
         batch.width = w + 1
         batch.next_pos += 1
         self._sample_and_record(batch, logits)
@@ -566,8 +574,10 @@ class HFEngine:
     def _save_session(self, batch: _Batch, i: int, r: _Row) -> None:
         sel = batch.valid[i, : batch.width]
         ids = r.prompt_ids + r.tokens[:-1]
-        kv = [(k[i, :, : batch.width][:, sel].clone(), v[i, :, : batch.width][:, sel].clone()) for k, v in zip(batch.kbufs, batch.vbufs, strict=True)]
-        assert kv[0][0].shape[1] == len(ids), (kv[0][0].shape, len(ids))
+        # Boolean indexing copies: the session owns its [kv_heads, len(ids), head_dim] tensors.
+        w = batch.width
+        kv = [(k[i, :, :w][:, sel], v[i, :, :w][:, sel]) for k, v in zip(batch.kbufs, batch.vbufs, strict=True)]
+        assert kv[0][0].shape[1] == len(ids), (kv[0][0].shape, len(ids))  # the last token is never fed
         self._sessions[r.session_id] = _Session(ids=ids, kv=kv)  # type: ignore[index]
 
     # ------------------------------------------------------------------------------------------------------

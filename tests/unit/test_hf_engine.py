@@ -149,11 +149,14 @@ def test_request_validation(model):
 # ----------------------------------------------------------------------------------------------------------
 # 1-2. Greedy output and log-probs vs the cache-free reference
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("max_batch_size", [256, 2])  # 2: continuous batching (refill + merge) path
-def test_greedy_matches_naive_reference(model, max_batch_size):
+@pytest.mark.parametrize(
+    ("max_batch_size", "max_batch_tokens"),
+    [(256, None), (2, None), (256, 40)],  # small limits: continuous batching (refill + merge) paths
+)
+def test_greedy_matches_naive_reference(model, max_batch_size, max_batch_tokens):
     prompts = _prompts(7, lo=1, hi=17, seed=1)
     news = [12, 3, 9, 1, 15, 6, 10]
-    eng = HFEngine(model, eos_token_ids=[], max_batch_size=max_batch_size)
+    eng = HFEngine(model, eos_token_ids=[], max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
     outs = eng.generate([_req(p, n) for p, n in zip(prompts, news, strict=True)])
     assert len({len(p) for p in prompts}) > 3  # padding exercised
     for p, n, out in zip(prompts, news, outs, strict=True):
@@ -385,6 +388,36 @@ def test_session_prefix_of_other_rows_with_sampling_and_eos(model):
     ] + [0]
 
 
+def test_sdpa_attention_and_bf16(model):
+    """The prepared 4-D mask also drives SDPA; in bf16, padded batches and session splices stay finite."""
+    prompts = _prompts(5, lo=1, hi=15, seed=11)
+    eager = HFEngine(model, eos_token_ids=[])
+    sdpa_model = Qwen2ForCausalLM._from_config(model.config, attn_implementation="sdpa").eval()
+    sdpa_model.load_state_dict(model.state_dict())
+    sdpa = HFEngine(sdpa_model, eos_token_ids=[])
+    t1a = eager.generate([_req(p, 6, session_id=str(i)) for i, p in enumerate(prompts)])
+    t1b = sdpa.generate([_req(p, 6, session_id=str(i)) for i, p in enumerate(prompts)])
+    for a, b in zip(t1a, t1b, strict=True):
+        assert a.token_ids == b.token_ids and a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    full = [p + o.token_ids + [1] for p, o in zip(prompts, t1a, strict=True)]
+    t2b = sdpa.generate([_req(f, 6, session_id=str(i)) for i, f in enumerate(full)])
+    assert all(o.cached_prompt_tokens > 0 for o in t2b)
+    for f, b in zip(full, t2b, strict=True):
+        assert b.token_ids == _naive_greedy(model, f, 6)[0]
+
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    eng = HFEngine(bf16, eos_token_ids=[], max_batch_size=3)
+    t1 = eng.generate([_req(p, 8, temperature=1.0, seed=i, session_id=str(i)) for i, p in enumerate(prompts)])
+    full = [p + o.token_ids + [2, 3] for p, o in zip(prompts, t1, strict=True)]
+    t2 = eng.generate([_req(f, 8, temperature=1.0, seed=i, session_id=str(i)) for i, f in enumerate(full)])
+    for out in t1 + t2:
+        lp = torch.tensor(out.logprobs)
+        assert torch.isfinite(lp).all() and (lp <= 0).all()
+    # bf16 logprobs are close to a float32 recomputation of the bf16 model's own forward
+    ref = _ref_logprobs(bf16, full[0], t2[0].token_ids, 1.0)
+    assert t2[0].logprobs == pytest.approx(ref, abs=0.1)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 7. Weight updates
 # ----------------------------------------------------------------------------------------------------------
@@ -413,16 +446,19 @@ def test_update_weights(model):
     assert eng.weight_version == 1 and eng.num_sessions == 0
     assert {n: p.data_ptr() for n, p in base.named_parameters()} == ptrs  # in place
 
-    reqs = [_req(p + b.token_ids, 10, session_id=f"s{i}") for i, (p, b) in enumerate(zip(prompts, before, strict=True))]
+    reqs = [_req(p + b.token_ids, 10, session_id=f"s{i}") for i, (p, b) in enumerate(zip(prompts, before))]
     reqs += [_req(p, 10, temperature=0.9, seed=i) for i, p in enumerate(prompts)]
     after = eng.generate(reqs)
-    expect = HFEngine(perturbed, eos_token_ids=[]).generate([_req(r.prompt_ids, 10, temperature=r.sampling.temperature, seed=r.sampling.seed) for r in reqs])
+    expect = HFEngine(perturbed, eos_token_ids=[]).generate(
+        [_req(r.prompt_ids, 10, temperature=r.sampling.temperature, seed=r.sampling.seed) for r in reqs]
+    )
     for a, e in zip(after, expect, strict=True):
         assert a.token_ids == e.token_ids
         assert a.logprobs == pytest.approx(e.logprobs, abs=1e-5)
         assert a.cached_prompt_tokens == 0  # sessions were flushed
         assert a.weight_version == 1
-    assert [a.token_ids for a in after[4:]] != [o.token_ids for o in HFEngine(model, eos_token_ids=[]).generate(reqs[4:])]
+    old_weights = HFEngine(model, eos_token_ids=[]).generate(reqs[4:])
+    assert [a.token_ids for a in after[4:]] != [o.token_ids for o in old_weights]  # the update mattered
 
     # tied alias accepted
     eng.update_weights([("lm_head.weight", model.lm_head.weight)])
