@@ -41,12 +41,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--train", type=int, default=20000, help="number of train problems")
     p.add_argument("--test", type=int, default=500, help="number of test problems")
+    p.add_argument("--dev", type=int, default=0, help="number of dev problems (model selection, e.g. SFT early stop)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    train, test = make_splits(args.train, args.test, difficulty=args.difficulty, seed=args.seed)
+    train, test = make_splits(args.train + args.dev, args.test, difficulty=args.difficulty, seed=args.seed)
+    train, dev = train[: args.train], train[args.train :]
     os.makedirs(args.out, exist_ok=True)
-    for name, rows in (("train", train), ("test", test)):
+    splits = (("train", train), ("test", test)) + ((("dev", dev),) if args.dev else ())
+    for name, rows in splits:
         path = os.path.join(args.out, f"{name}.jsonl")
         write_jsonl(rows, path)
         print(f"wrote {len(rows):>6} rows to {path}")

@@ -77,9 +77,34 @@ class TorchBackend:
         self.scheduler = build_scheduler(self.optimizer, actor.optim, total_optimizer_steps)
 
     # -- forward passes -------------------------------------------------------------------
-    def _forward(self, model: torch.nn.Module, mb: TrainBatch) -> tuple[Tensor, Tensor]:
+    @property
+    def packed(self) -> bool:
+        """Padding-free micro-batches: only with a varlen attention kernel. With eager/sdpa a packed
+        row would attend over its whole length (a block-diagonal mask), costing more than padding."""
+        return self.actor.padding_free and self.actor.model.attn_implementation.startswith("flash_attention")
+
+    def _forward(self, model: torch.nn.Module, mb: TrainBatch, *, packed: bool | None = None) -> tuple[Tensor, Tensor]:
+        if self.packed if packed is None else packed:
+            return self._forward_packed(model, mb)
         logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
         return token_logprobs(logits, mb.input_ids, temperature=self.temperature)
+
+    def _forward_packed(self, model: torch.nn.Module, mb: TrainBatch) -> tuple[Tensor, Tensor]:
+        """All rows concatenated into one; position ids restart at 0 per sequence, which transformers
+        turns into varlen attention (flash-attention) or a block-diagonal mask (eager/sdpa)."""
+        lens = mb.seq_lens.tolist()
+        rows = [mb.input_ids[i, :n] for i, n in enumerate(lens)]
+        input_ids = torch.cat(rows)[None]  # [1, sum(lens)]
+        position_ids = torch.cat([torch.arange(n) for n in lens])[None]
+        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0]
+        logp = torch.zeros(mb.loss_mask.shape, dtype=torch.float32)
+        entropy = torch.zeros_like(logp)
+        start = 0
+        for i, n in enumerate(lens):  # logits of sequence i predict its own next tokens only
+            lp, ent = token_logprobs(logits[None, start : start + n], rows[i][None], temperature=self.temperature)
+            logp[i, : n - 1], entropy[i, : n - 1] = lp[0], ent[0]
+            start += n
+        return logp, entropy
 
     def _micro_batches(self, batch: TrainBatch, *, for_update: bool) -> list[list[int]]:
         max_rows = (self.actor.micro_batch_size_per_device_for_update if for_update

@@ -114,3 +114,20 @@ def test_token_budget_split():
     lengths = [5, 9, 3, 9, 1]
     for g in groups:
         assert len(g) <= 3 and len(g) * max(lengths[i] for i in g) <= 18
+
+
+def test_packed_forward_equals_padded():
+    """Padding-free packing (one row, restarting position ids) gives the padded path's logprobs and
+    gradients; transformers builds a block-diagonal mask from the position ids."""
+    batch = build_train_batch(trajectories(), pad_token_id=PAD)
+    results = []
+    for packed in (False, True):
+        model = tiny_model()
+        backend = backend_for(model, max_tokens=10_000, max_rows=100)
+        logp, _ = backend._forward(model, batch, packed=packed)
+        (logp * batch.loss_mask).sum().backward()
+        results.append((logp.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (logp_pad, grad_pad), (logp_packed, grad_packed) = results
+    mask = batch.loss_mask.bool()
+    assert torch.allclose(logp_pad[mask], logp_packed[mask], atol=1e-5)
+    assert torch.allclose(grad_pad, grad_packed, atol=1e-5)
