@@ -95,6 +95,7 @@ def run_ours(args: argparse.Namespace) -> dict:
         f"trainer.output_dir={work / 'ours_out'}",
         f"trainer.save_checkpoint_path={work / 'ours_ckpt'}",
         "trainer.logger=[]",
+        *args.ours_set,
     ]
     cfg = load_config(overrides)
     trainer = build_trainer(cfg)
@@ -342,7 +343,8 @@ def drive(args: argparse.Namespace) -> None:
                TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
     common = ["--model", str(model), "--data", str(data), "--workdir", str(work), "--steps", str(args.steps),
               "--threads", str(args.threads), "--prompts", str(args.prompts), "--n", str(args.n),
-              "--max-new-tokens", str(args.max_new_tokens), "--attn", args.attn, "--seed", str(args.seed)]
+              "--max-new-tokens", str(args.max_new_tokens), "--attn", args.attn, "--seed", str(args.seed),
+              *(f"--ours-set={kv}" for kv in args.ours_set)]
     load_before = os.getloadavg()
     results = {}
     for side in args.sides:
@@ -361,6 +363,8 @@ def drive(args: argparse.Namespace) -> None:
           f"threads {args.threads}; attn {args.attn}; model {'random tiny (built)' if not args.model else model}")
     print(f"workload: {args.prompts} prompts x {args.n} samples, <= {args.max_new_tokens} new tokens, T=1, top_p=1; "
           f"1 warm-up + {args.steps} timed step(s), medians shown")
+    if args.ours_set:
+        print(f"extra overrides for ours: {' '.join(args.ours_set)}")
     print()
     header = (f"{'side':<5} {'step s':>8} {'tokens':>7} {'prompt':>7} {'compl':>7} {'tokens/s':>9} "
               f"{'gen s':>7} {'reward s':>8} {'train s':>8} {'sync s':>7} {'warmup s':>8}")
@@ -407,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attn", default="eager", choices=["eager", "sdpa"], help="attention implementation, both sides")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--sides", nargs="+", default=["ours", "trl"], choices=["ours", "trl"])
+    p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra megatron-guided config override for our side (repeatable)")
     p.add_argument("--json", help="also write the summary and raw per-step numbers here")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (model, data, outputs)")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)

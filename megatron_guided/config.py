@@ -129,7 +129,8 @@ class RolloutConfig:
     """Base seed; every sample of every step gets its own seed derived from it."""
     stop: list[str] = field(default_factory=list)
     max_num_batched_tokens: int = 8192
-    """Token budget of one generation batch; must hold data.max_prompt_length + data.max_response_length."""
+    """Token budget of the running generation batch (sum over its sequences of prompt + max new tokens);
+    must hold one sequence: data.max_prompt_length + data.max_response_length."""
     val_override_config: ValOverrideConfig = field(default_factory=ValOverrideConfig)
 
 

@@ -15,7 +15,7 @@ from megatron_guided.logging import setup_logging
 from megatron_guided.reward.function import RewardManager
 from megatron_guided.rollout.hf_engine import HFEngine
 from megatron_guided.train.torch_backend import TorchBackend
-from megatron_guided.train.trainer import Trainer
+from megatron_guided.train.trainer import Trainer, planned_steps
 
 log = logging.getLogger("megatron_guided.train")
 
@@ -40,8 +40,7 @@ def build_trainer(cfg: Config) -> Trainer:
     engine = HFEngine(copy.deepcopy(model).eval(), eos_token_ids=_eos_ids(model, tokenizer),
                       pad_token_id=tokenizer.pad_token_id, decode=tokenizer.decode,
                       max_batch_tokens=cfg.worker.rollout.max_num_batched_tokens, seed=cfg.worker.rollout.seed)
-    batches_per_epoch = len(train_data) // cfg.data.rollout_batch_size
-    total_steps = min(cfg.trainer.total_epochs * batches_per_epoch, cfg.trainer.max_steps or 10**12)
+    total_steps = planned_steps(cfg, len(train_data))
     num_mini = cfg.data.rollout_batch_size // cfg.worker.actor.global_batch_size
     backend = TorchBackend(model, actor=cfg.worker.actor, algorithm=cfg.algorithm,
                            temperature=cfg.worker.rollout.temperature, num_mini_batches=num_mini,

@@ -44,8 +44,7 @@ class Trainer:
         self.train_data, self.val_data, self.reward = train_data, val_data, reward
         self.sampler = PromptSampler(num_items=len(train_data), batch_size=cfg.data.rollout_batch_size,
                                      seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-        self.total_steps = min(cfg.trainer.total_epochs * self.sampler.batches_per_epoch,
-                               cfg.trainer.max_steps or float("inf"))
+        self.total_steps = planned_steps(cfg, len(train_data))
         self.step = 0
         self.checkpoints = CheckpointManager(cfg.checkpoint_dir, keep_last=cfg.trainer.save_limit)
         self.timings: dict[str, float] = {}
@@ -222,6 +221,12 @@ class Trainer:
         self.step = state["step"]
         self.sync_weights()
         log.info("resumed from %s at step %d", path, self.step)
+
+
+def planned_steps(cfg: Config, num_prompts: int) -> int:
+    """Training steps of the run: total_epochs over the prompts, capped by trainer.max_steps."""
+    steps = cfg.trainer.total_epochs * (num_prompts // cfg.data.rollout_batch_size)
+    return min(steps, cfg.trainer.max_steps) if cfg.trainer.max_steps else steps
 
 
 def mean_breakdown(trajectories: Sequence[Trajectory]) -> dict[str, float]:
