@@ -117,6 +117,69 @@ class ValOverrideConfig:
 
 
 @dataclass(kw_only=True)
+class VerifierConfig:
+    """worker.rollout.verifier.*: the verifier in the loop (Guided-GRPO)."""
+
+    enable: bool = False
+    type: str = "function"
+    """function (a Python callable) | model (a local model through a generation engine) | http
+    (an OpenAI-style endpoint). use_http=true selects http, as in the original configs."""
+    use_http: bool = False
+    function: str = "examples/verifier_function/arith_step_checker.py:verify"
+    """`path/to/file.py:function_name` for type=function."""
+    model_path: str = ""
+    tokenizer_path: str | None = None
+    trust_remote_code: bool = False
+    base_url: str = ""
+    """http: requests go to POST {base_url}/chat/completions."""
+    model: str = "verifier"
+    api_key: str = ""
+    """Prefer api_key_env / api_key_file; a key given here is never logged or dumped."""
+    api_key_env: str = "VERIFIER_API_KEY"
+    api_key_file: str | None = None
+    http_timeout: float = 120.0
+    """Seconds per request."""
+    http_max_retries: int = 3
+    """Retries after the first attempt on timeouts, connection errors, 429 and 5xx (never other 4xx)."""
+    http_retry_interval: float = 1.0
+    """Base of the exponential backoff (seconds), with jitter; Retry-After wins when sent."""
+    http_retry_max_interval: float = 30.0
+    http_concurrency: int = 16
+    on_failure: str = "continue_unguided"
+    """After retries: continue_unguided (the sample goes on without guidance) | stop (end the
+    sample's dialogue) | fail (abort the run). Always counted in metrics."""
+    prompt_template: str | None = None
+    """Path to a file with the verifier's system prompt; default: the built-in one."""
+    show_reference: str = "train"
+    """Give the verifier the reference answer: train | always | never."""
+    enable_hallucination_score: bool = True
+    default_hallucination_score: float = 0.5
+    """verifier_hallucination_score of a sample whose verifier never sent a [SCORE] flag."""
+    temperature: float = 0.2
+    top_p: float = 0.95
+    top_k: int = -1
+    max_tokens: int = 256
+    """Most tokens of one verifier reply."""
+    max_turns: int = 10
+    """Most policy turns per sample."""
+    max_tokens_per_turn: int = 0
+    """Most tokens of one policy turn; 0 = data.max_response_length."""
+    max_trajectory_tokens: int = 0
+    """Most tokens of a whole dialogue after the prompt; 0 = data.max_response_length."""
+    stop_token: str = "###STOP###"
+    train_scope: str = "full"
+    """full (every policy turn trained) | final_turn (the original's: only the last turn)."""
+    guided_fraction: float = 1.0
+    """Share of each group's samples that get the verifier; the rest run open-loop."""
+    guide_when: str = "always"
+    """always | group_failed (verify only groups whose open-loop samples all failed)."""
+    correction_penalty: float = 0.0
+    """Reward subtracted per correction the sample received."""
+    max_corrections: int = -1
+    """Most corrections per sample; -1 = up to max_turns."""
+
+
+@dataclass(kw_only=True)
 class RolloutConfig:
     name: str = "hf"
     """hf (in-process transformers engine with KV-cache reuse) | sglang."""
@@ -132,6 +195,7 @@ class RolloutConfig:
     """Token budget of the running generation batch (sum over its sequences of prompt + max new tokens);
     must hold one sequence: data.max_prompt_length + data.max_response_length."""
     val_override_config: ValOverrideConfig = field(default_factory=ValOverrideConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
 
 
 @dataclass(kw_only=True)
@@ -257,6 +321,21 @@ def validate(cfg: Config) -> None:
     for name in trainer.logger:
         _check_choice("trainer.logger", name, LOGGERS)
 
+    verifier = rollout.verifier
+    _check_choice("worker.rollout.verifier.type", verifier.type, ("function", "model", "http"))
+    _check_choice("worker.rollout.verifier.on_failure", verifier.on_failure, ("continue_unguided", "stop", "fail"))
+    _check_choice("worker.rollout.verifier.show_reference", verifier.show_reference, ("train", "always", "never"))
+    _check_choice("worker.rollout.verifier.train_scope", verifier.train_scope, ("full", "final_turn"))
+    _check_choice("worker.rollout.verifier.guide_when", verifier.guide_when, ("always", "group_failed"))
+    if not 0.0 <= verifier.guided_fraction <= 1.0:
+        raise ConfigError(f"worker.rollout.verifier.guided_fraction={verifier.guided_fraction} must be in [0, 1]")
+    if verifier.max_turns < 1:
+        raise ConfigError(f"worker.rollout.verifier.max_turns={verifier.max_turns} must be >= 1")
+    if verifier.enable and (verifier.type == "http" or verifier.use_http) and not verifier.base_url:
+        raise ConfigError("worker.rollout.verifier.base_url is required for the http verifier "
+                          "(requests go to POST {base_url}/chat/completions)")
+    if verifier.enable and verifier.type == "model" and not verifier.use_http and not verifier.model_path:
+        raise ConfigError("worker.rollout.verifier.model_path is required for verifier.type=model")
     if algo.adv_estimator in GROUP_ESTIMATORS and rollout.n < 2:
         raise ConfigError(
             f"worker.rollout.n={rollout.n}: the group estimator algorithm.adv_estimator="

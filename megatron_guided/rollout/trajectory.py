@@ -43,6 +43,13 @@ class Trajectory:
     status: TrajectoryStatus = TrajectoryStatus.RUNNING
     num_turns: int = 0
     weight_version: int = 0
+    guided: bool = False
+    """Whether the verifier was in this sample's loop."""
+    num_corrections: int = 0
+    """Verifier replies injected into the context (guidance and finish-up requests)."""
+    hallucination_flags: list[int] = field(default_factory=list)
+    """The verifier's [SCORE] hallucination_detect flags, in order (1 = no hallucination)."""
+    verifier_failures: int = 0
     reward: float | None = None
     reward_breakdown: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +77,26 @@ class Trajectory:
     @property
     def num_policy_tokens(self) -> int:
         return sum(self.loss_mask)
+
+    def policy_turn_spans(self) -> list[tuple[int, int]]:
+        """[start, end) of each policy turn in response_ids (maximal runs of mask 1)."""
+        spans, start = [], None
+        for i, m in enumerate(self.loss_mask + [0]):
+            if m and start is None:
+                start = i
+            elif not m and start is not None:
+                spans.append((start, i))
+                start = None
+        return spans
+
+    def train_final_turn_only(self) -> None:
+        """Keep only the last policy turn trainable (the original Guided-GRPO's `final_turn` scope);
+        earlier turns stay in the sequence as context."""
+        spans = self.policy_turn_spans()
+        for start, end in spans[:-1]:
+            for i in range(start, end):
+                self.loss_mask[i] = 0
+                self.rollout_logprobs[i] = 0.0
 
     @property
     def policy_token_ids(self) -> list[int]:

@@ -38,3 +38,15 @@ def test_dict_round_trip():
     traj.reward, traj.reward_breakdown = 0.5, {"overall": 0.5}
     again = Trajectory.from_dict(traj.to_dict())
     assert again == traj and again.status.is_truncated()
+
+
+def test_turn_spans_and_final_turn_scope():
+    traj = make()
+    traj.append([10, 11], [-0.5, -0.25], trainable=True)
+    traj.append([20], None, trainable=False)
+    traj.append([12, 13, 14], [-1.0, -1.0, -1.0], trainable=True)
+    assert traj.policy_turn_spans() == [(0, 2), (3, 6)]
+    traj.train_final_turn_only()
+    assert traj.loss_mask == [0, 0, 0, 1, 1, 1]
+    assert traj.rollout_logprobs == [0.0, 0.0, 0.0, -1.0, -1.0, -1.0]
+    assert traj.response_ids == [10, 11, 20, 12, 13, 14]  # earlier turns stay as context
