@@ -286,8 +286,25 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _run(cmd: list[str], *, env: dict | None = None, cwd: Path | None = None) -> None:
-    subprocess.run(cmd, check=True, env=env, cwd=cwd)
+def _code_state() -> str:
+    """Commit of the checkout and how many tracked files differ from it (read-only git calls)."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{head}" + (f" + {len(dirty)} modified tracked file(s)" if dirty else "")
+
+
+def _run(cmd: list[str], *, env: dict | None = None, cwd: Path | None = None, quiet: bool = False) -> None:
+    """Run cmd; with quiet=True its output is shown only if it fails."""
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=quiet, text=True)
+    if proc.returncode:
+        if quiet:
+            sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
 
 
 def _summarise(result: dict) -> dict:
@@ -332,10 +349,11 @@ def drive(args: argparse.Namespace) -> None:
     model = Path(args.model).resolve() if args.model else work / "model"
     data = Path(args.data).resolve() if args.data else work / "data"
     if not args.model:
-        _run([sys.executable, str(REPO / "tools" / "make_tiny_model.py"), "--out", str(model)])
+        print(f"[bench] building the random tiny model in {model}", flush=True)
+        _run([sys.executable, str(REPO / "tools" / "make_tiny_model.py"), "--out", str(model)], quiet=True)
     if not args.data:
         _run([sys.executable, str(REPO / "tools" / "prepare_data.py"), "--task", "arith", "--difficulty", "easy",
-              "--out", str(data), "--train", "2000", "--test", "64"])
+              "--out", str(data), "--train", "2000", "--test", "64"], quiet=True)
 
     env = dict(os.environ)
     env.update({k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
@@ -345,6 +363,7 @@ def drive(args: argparse.Namespace) -> None:
               "--threads", str(args.threads), "--prompts", str(args.prompts), "--n", str(args.n),
               "--max-new-tokens", str(args.max_new_tokens), "--attn", args.attn, "--seed", str(args.seed),
               *(f"--ours-set={kv}" for kv in args.ours_set)]
+    code = _code_state()
     load_before = os.getloadavg()
     results = {}
     for side in args.sides:
@@ -361,6 +380,7 @@ def drive(args: argparse.Namespace) -> None:
           f"after {load_after[0]:.2f}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl_version}; "
           f"threads {args.threads}; attn {args.attn}; model {'random tiny (built)' if not args.model else model}")
+    print(f"megatron-guided code: {code}")
     print(f"workload: {args.prompts} prompts x {args.n} samples, <= {args.max_new_tokens} new tokens, T=1, top_p=1; "
           f"1 warm-up + {args.steps} timed step(s), medians shown")
     if args.ours_set:
@@ -387,7 +407,7 @@ def drive(args: argparse.Namespace) -> None:
         print(f"ratio tokens/s (ours / TRL): {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "raw": results, "load_before": load_before,
-                                               "load_after": load_after, "trl": trl_version,
+                                               "load_after": load_after, "trl": trl_version, "code": code,
                                                "torch": torch.__version__,
                                                "transformers": transformers.__version__,
                                                "args": vars(args)}, indent=2, default=str))

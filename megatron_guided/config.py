@@ -342,6 +342,8 @@ def validate(cfg: Config) -> None:
             f"{algo.adv_estimator} needs n >= 2 samples per prompt; set worker.rollout.n=2 or more, "
             "or use algorithm.adv_estimator=reinforce_plus_plus")
     budget = data.max_prompt_length + data.max_response_length
+    if rollout.verifier.enable and rollout.verifier.max_trajectory_tokens > data.max_response_length:
+        budget = data.max_prompt_length + rollout.verifier.max_trajectory_tokens
     if rollout.max_num_batched_tokens < budget:
         raise ConfigError(
             f"worker.rollout.max_num_batched_tokens={rollout.max_num_batched_tokens} must be >= "

@@ -12,38 +12,22 @@ logged as ``reward/<key>``.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
+
+from megatron_guided.utils.loading import LoadError, load_callable
 
 RewardInput = dict[str, Any]
 RewardOutput = dict[str, float]
 
 
-class RewardFunctionError(ValueError):
+class RewardFunctionError(LoadError):
     """The reward function cannot be loaded, or returned something unusable."""
 
 
 def load_reward_function(spec: str) -> Callable[..., Any]:
-    path_str, _, name = spec.rpartition(":")
-    path = Path(path_str)
-    if not path_str or not name:
-        raise RewardFunctionError(f"worker.reward.reward_function={spec!r}: expected path/to/file.py:function_name")
-    if not path.is_file():
-        raise RewardFunctionError(f"worker.reward.reward_function={spec!r}: no such file {path}")
-    module_name = f"megatron_guided_reward_{path.stem}_{abs(hash(str(path.resolve())))}"
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module
-    module_spec.loader.exec_module(module)
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        public = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
-        raise RewardFunctionError(f"{path} has no function {name!r}; callable names there: {public}")
-    return fn
+    return load_callable(spec, what="worker.reward.reward_function", error=RewardFunctionError)
 
 
 class RewardManager:

@@ -99,6 +99,12 @@ class Trajectory:
                 self.rollout_logprobs[i] = 0.0
 
     @property
+    def final_turn_token_ids(self) -> list[int]:
+        """The policy's last turn (its final answer, in a guided dialogue)."""
+        spans = self.policy_turn_spans()
+        return self.response_ids[spans[-1][0] : spans[-1][1]] if spans else []
+
+    @property
     def policy_token_ids(self) -> list[int]:
         """The tokens the policy generated, context tokens left out (what rewards read)."""
         return [t for t, m in zip(self.response_ids, self.loss_mask) if m]

@@ -9,12 +9,18 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from megatron_guided.config import Config, ConfigError, load_config
+from megatron_guided.config import Config, ConfigError, VerifierConfig, load_config
 from megatron_guided.data.dataset import build_prompt_dataset
 from megatron_guided.logging import setup_logging
 from megatron_guided.reward.function import RewardManager
+from megatron_guided.rollout.batcher import AsyncBatchGenerator
+from megatron_guided.rollout.guided import ChatDelta, GuidedRollout
 from megatron_guided.rollout.hf_engine import HFEngine
 from megatron_guided.train.torch_backend import TorchBackend
+from megatron_guided.verifier.base import Verifier
+from megatron_guided.verifier.function import FunctionVerifier
+from megatron_guided.verifier.http import HttpVerifier
+from megatron_guided.verifier.model import ModelVerifier
 from megatron_guided.train.trainer import Trainer, planned_steps
 
 log = logging.getLogger("megatron_guided.train")
@@ -48,8 +54,26 @@ def build_trainer(cfg: Config) -> Trainer:
                            max_response_length=cfg.data.max_response_length)
     reward = RewardManager(cfg.worker.reward.reward_function, reward_type=cfg.worker.reward.reward_type,
                            kwargs=cfg.worker.reward.reward_function_kwargs)
+    guided = build_guided_rollout(cfg, engine, tokenizer) if cfg.worker.rollout.verifier.enable else None
     return Trainer(cfg, tokenizer=tokenizer, backend=backend, engine=engine, train_data=train_data,
-                   val_data=val_data, reward=reward)
+                   val_data=val_data, reward=reward, guided=guided)
+
+
+def build_verifier(cfg: VerifierConfig) -> Verifier:
+    """function | model | http (use_http=true selects http, as in the original configs)."""
+    if cfg.use_http or cfg.type == "http":
+        return HttpVerifier.from_config(cfg)
+    if cfg.type == "model":
+        return ModelVerifier.from_config(cfg)
+    return FunctionVerifier.from_config(cfg)
+
+
+def build_guided_rollout(cfg: Config, engine: HFEngine, tokenizer) -> GuidedRollout:
+    return GuidedRollout(generator=AsyncBatchGenerator(engine), verifier=build_verifier(cfg.worker.rollout.verifier),
+                         cfg=cfg.worker.rollout.verifier,
+                         delta=ChatDelta(tokenizer=tokenizer, end_of_turn_id=tokenizer.eos_token_id),
+                         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                         max_response_length=cfg.data.max_response_length)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

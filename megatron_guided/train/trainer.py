@@ -5,6 +5,7 @@ One method per phase, each timed under a stable name (``timing/gen``, ``timing/r
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -28,6 +29,7 @@ from megatron_guided.data.sampler import PromptSampler
 from megatron_guided.logging import Tracker
 from megatron_guided.reward.function import RewardManager
 from megatron_guided.rollout.engine import GenerationEngine, SamplingParams
+from megatron_guided.rollout.guided import GuidedRollout, GuidedRolloutStats, hallucination_score
 from megatron_guided.rollout.plain import plain_rollout
 from megatron_guided.rollout.trajectory import Trajectory
 from megatron_guided.train.batch import TrainBatch, build_train_batch
@@ -38,8 +40,11 @@ log = logging.getLogger(__name__)
 
 class Trainer:
     def __init__(self, cfg: Config, *, tokenizer, backend: TorchBackend, engine: GenerationEngine,
-                 train_data: PromptDataset, val_data: PromptDataset | None, reward: RewardManager):
+                 train_data: PromptDataset, val_data: PromptDataset | None, reward: RewardManager,
+                 guided: GuidedRollout | None = None):
         self.cfg = cfg
+        self.guided = guided
+        self.loop = asyncio.new_event_loop()  # one loop for the run: async clients stay bound to it
         self.tokenizer, self.backend, self.engine = tokenizer, backend, engine
         self.train_data, self.val_data, self.reward = train_data, val_data, reward
         self.sampler = PromptSampler(num_items=len(train_data), batch_size=cfg.data.rollout_batch_size,
@@ -61,20 +66,57 @@ class Trainer:
 
     def generate(self, prompt_indices: Sequence[int]) -> list[Trajectory]:
         prompts = [self.train_data[i] for i in prompt_indices]
-        return plain_rollout(self.engine, prompts, n=self.cfg.worker.rollout.n, sampling=self.sampling,
-                             base_seed=self.cfg.worker.rollout.seed, step=self.step)
+        n, seed = self.cfg.worker.rollout.n, self.cfg.worker.rollout.seed
+        if self.guided is None:
+            return plain_rollout(self.engine, prompts, n=n, sampling=self.sampling, base_seed=seed, step=self.step)
+        show_reference = self.cfg.worker.rollout.verifier.show_reference != "never"
+        return self.guided_rollout(prompts, n=n, sampling=self.sampling, base_seed=seed, step=self.step,
+                                   show_reference=show_reference)
+
+    def guided_rollout(self, prompts, *, n: int, sampling: SamplingParams, base_seed: int, step: int,
+                       show_reference: bool, guide_when: str | None = None) -> list[Trajectory]:
+        """Guided rollouts; with guide_when=group_failed the open-loop slots run and are scored first,
+        and only groups where all of them failed get the verifier in their guided slots."""
+        guided = self.guided
+        kwargs = dict(n=n, sampling=sampling, base_seed=base_seed, step=step, show_reference=show_reference)
+        if (guide_when or self.cfg.worker.rollout.verifier.guide_when) == "always":
+            return self.loop.run_until_complete(guided.run(prompts, **kwargs))
+        mask = guided.guided_mask(n)
+        first = self.loop.run_until_complete(guided.run(prompts, slots=[k for k in range(n) if not mask[k]], **kwargs))
+        self.score(first)
+        solved = {t.group_id for t in first if t.reward_breakdown.get("accuracy", t.reward) > 0}
+        failed = {g for g in range(len(prompts)) if g not in solved}
+        second = self.loop.run_until_complete(guided.run(prompts, slots=[k for k in range(n) if mask[k]],
+                                                         failed_groups=failed, **kwargs))
+        return sorted(first + second, key=lambda t: (t.group_id, t.extra["slot"]))
 
     def score(self, trajectories: list[Trajectory]) -> None:
-        """Fill each trajectory's reward from the reward function (policy text only)."""
-        inputs = [{
-            "response": self.tokenizer.decode(t.policy_token_ids, skip_special_tokens=True),
-            "response_length": t.num_policy_tokens,
-            "ground_truth": t.ground_truth,
-            "num_turns": t.num_turns,
-            "finish_reason": t.extra.get("finish_reason"),
-        } for t in trajectories]
-        for traj, out in zip(trajectories, self.reward(inputs)):
-            traj.reward, traj.reward_breakdown = out["overall"], out
+        """Fill each trajectory's reward from the reward function (policy text only), minus
+        correction_penalty per verifier correction."""
+        todo = [t for t in trajectories if t.reward is None]
+        if not todo:
+            return
+        verifier = self.cfg.worker.rollout.verifier
+        inputs = []
+        for t in todo:
+            item = {
+                "response": self.tokenizer.decode(t.policy_token_ids, skip_special_tokens=True),
+                "final_response": self.tokenizer.decode(t.final_turn_token_ids, skip_special_tokens=True),
+                "response_length": t.num_policy_tokens,
+                "ground_truth": t.ground_truth,
+                "num_turns": t.num_turns,
+                "finish_reason": t.extra.get("finish_reason"),
+                "guided": t.guided,
+                "num_corrections": t.num_corrections,
+            }
+            if verifier.enable and verifier.enable_hallucination_score:
+                item["verifier_hallucination_score"] = hallucination_score(
+                    t, default=verifier.default_hallucination_score)
+            inputs.append(item)
+        for traj, out in zip(todo, self.reward(inputs)):
+            penalty = verifier.correction_penalty * traj.num_corrections
+            traj.reward = out["overall"] - penalty
+            traj.reward_breakdown = out | ({"correction_penalty": penalty} if verifier.enable else {})
 
     def compute_advantages(self, trajectories: list[Trajectory], batch: TrainBatch) -> dict[str, float]:
         """Shape rewards (overlong, KL-in-reward), then fill batch.advantages with the estimator."""
@@ -166,11 +208,37 @@ class Trainer:
         with self._timed("sync"):
             self.sync_weights()
         self.step += 1
-        metrics = rollout_metrics(trajectories) | update_metrics | self.timings
+        metrics = rollout_metrics(trajectories) | update_metrics | self.timings | self.guided_metrics(trajectories)
         elapsed = time.perf_counter() - start
         tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in trajectories)
         metrics.update({"timing/step": elapsed, "perf/tokens_per_s": tokens / elapsed,
                         "batch/num_trained": num_trained, "train/epoch": self.sampler.epoch})
+        return metrics
+
+    def guided_metrics(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
+        """Turns, guidance, verifier health and prefix-cache reuse of the last guided rollout(s)."""
+        if self.guided is None:
+            return {}
+        stats, self.guided.stats = self.guided.stats, GuidedRolloutStats()
+        count = len(trajectories)
+        guided = [t for t in trajectories if t.guided]
+        metrics = {
+            "guided/fraction": len(guided) / count,
+            "guided/turns_mean": sum(t.num_turns for t in trajectories) / count,
+            "guided/corrections_mean": sum(t.num_corrections for t in guided) / max(1, len(guided)),
+            "guided/tokens_policy": sum(t.num_policy_tokens for t in trajectories) / count,
+            "guided/tokens_context": sum(len(t.response_ids) - t.num_policy_tokens for t in trajectories) / count,
+            "verifier/calls": stats.verifier_calls,
+            "verifier/failures": stats.verifier_failures,
+            "verifier/latency_mean_s": stats.verifier_latency_s / max(1, stats.verifier_calls),
+            "verifier/hallucination_score": sum(
+                hallucination_score(t, default=self.cfg.worker.rollout.verifier.default_hallucination_score)
+                for t in guided) / max(1, len(guided)),
+        }
+        if stats.context_tokens_resent:
+            metrics["engine/prefix_reuse"] = stats.context_tokens_cached / stats.context_tokens_resent
+        if guided:
+            metrics["guided/accuracy_guided"] = mean_breakdown(guided).get("accuracy", float("nan"))
         return metrics
 
     def validate(self) -> dict[str, float]:
@@ -184,12 +252,22 @@ class Trainer:
         if self.cfg.trainer.val_sampled_n > 0:
             rollout = self.cfg.worker.rollout
             runs["val_sampled"] = (rollout.temperature, rollout.top_p, self.cfg.trainer.val_sampled_n)
+        if self.guided is not None:  # the policy with its verifier, greedy
+            runs["val_guided"] = (override.temperature, override.top_p, override.n)
         prompts = list(self.val_data)
+        seed = self.cfg.worker.rollout.seed + 7919
         for prefix, (temperature, top_p, n) in runs.items():
             sampling = dataclasses.replace(self.sampling, temperature=temperature, top_p=top_p)
             with self._timed(prefix):
-                trajectories = plain_rollout(self.engine, prompts, n=n, sampling=sampling,
-                                             base_seed=self.cfg.worker.rollout.seed + 7919, step=0)
+                if prefix == "val_guided":
+                    show = self.cfg.worker.rollout.verifier.show_reference == "always"
+                    with self.guided.fully_guided():
+                        trajectories = self.guided_rollout(prompts, n=n, sampling=sampling, base_seed=seed, step=0,
+                                                           show_reference=show, guide_when="always")
+                    metrics |= {f"{prefix}/{k}": v for k, v in self.guided_metrics(trajectories).items()
+                                if k.startswith(("guided/turns", "guided/corrections"))}
+                else:
+                    trajectories = plain_rollout(self.engine, prompts, n=n, sampling=sampling, base_seed=seed, step=0)
                 self.score(trajectories)
             metrics |= {f"{prefix}/{k}": v for k, v in mean_breakdown(trajectories).items()}
             metrics[f"{prefix}/response_length"] = sum(t.num_policy_tokens for t in trajectories) / len(trajectories)

@@ -107,3 +107,24 @@ def test_algorithm_variants_train(tiny_model_dir, arith_data_dir, tmp_path, vari
         assert "actor/kl_loss" in metrics
     if "algorithm.online_filtering=true" in variant:
         assert 0 <= metrics["batch/kept_fraction"] <= 1
+
+
+@pytest.mark.parametrize("guide_when", ["always", "group_failed"])
+def test_guided_grpo_with_function_verifier(tiny_model_dir, arith_data_dir, tmp_path, guide_when):
+    """Guided GRPO end to end on the real tiny model: guided samples, verifier calls, cache reuse, and
+    validation with and without the verifier."""
+    cfg = load_config(base_overrides(tiny_model_dir, arith_data_dir, tmp_path) + [
+        "trainer.max_steps=1", "worker.reward.reward_type=batch",
+        "worker.reward.reward_function=examples/reward_function/guided_math.py:compute_score",
+        "worker.rollout.verifier.enable=true", "worker.rollout.verifier.max_turns=3",
+        "worker.rollout.verifier.max_trajectory_tokens=160", "worker.rollout.verifier.guided_fraction=0.5",
+        f"worker.rollout.verifier.guide_when={guide_when}", "worker.rollout.verifier.correction_penalty=0.1",
+        "trainer.val_before_train=true"])
+    build_trainer(cfg).fit()
+    before, after = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert {"val/accuracy", "val_guided/accuracy", "val_guided/guided/turns_mean"} <= before.keys()
+    assert before["val_guided/guided/turns_mean"] > 1  # a random policy is corrected
+    assert after["guided/fraction"] == (0.5 if guide_when == "always" else after["guided/fraction"])
+    assert after["verifier/calls"] > 0 and after["verifier/failures"] == 0
+    assert after["engine/prefix_reuse"] >= 0.9
+    assert 0 <= after["verifier/hallucination_score"] <= 1
