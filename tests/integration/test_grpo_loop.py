@@ -128,3 +128,19 @@ def test_guided_grpo_with_function_verifier(tiny_model_dir, arith_data_dir, tmp_
     assert after["verifier/calls"] > 0 and after["verifier/failures"] == 0
     assert after["engine/prefix_reuse"] >= 0.9
     assert 0 <= after["verifier/hallucination_score"] <= 1
+
+
+def test_eval_command_writes_per_sample_results(tiny_model_dir, arith_data_dir, tmp_path, capsys):
+    from megatron_guided import eval as eval_cli
+
+    eval_cli.main(base_overrides(tiny_model_dir, arith_data_dir, tmp_path) + [
+        "worker.reward.reward_type=batch",
+        "worker.reward.reward_function=examples/reward_function/guided_math.py:compute_score",
+        "worker.rollout.verifier.enable=true", "worker.rollout.verifier.max_trajectory_tokens=160"])
+    printed = capsys.readouterr().out
+    assert "policy: accuracy=" in printed and "guided: accuracy=" in printed
+    for mode in ("policy", "guided"):
+        rows = [json.loads(line) for line in (tmp_path / "out" / f"eval_{mode}.jsonl").read_text().splitlines()]
+        assert len(rows) == 16 and {"dialogue", "policy_text", "reward/accuracy", "num_turns"} <= rows[0].keys()
+    guided_rows = [json.loads(line) for line in (tmp_path / "out" / "eval_guided.jsonl").read_text().splitlines()]
+    assert any(r["num_corrections"] > 0 and "<|im_start|>user" in r["dialogue"] for r in guided_rows)
