@@ -144,3 +144,30 @@ def test_eval_command_writes_per_sample_results(tiny_model_dir, arith_data_dir, 
         assert len(rows) == 16 and {"dialogue", "policy_text", "reward/accuracy", "num_turns"} <= rows[0].keys()
     guided_rows = [json.loads(line) for line in (tmp_path / "out" / "eval_guided.jsonl").read_text().splitlines()]
     assert any(r["num_corrections"] > 0 and "<|im_start|>user" in r["dialogue"] for r in guided_rows)
+
+
+def test_http_verifier_in_training_never_leaks_the_key(tiny_model_dir, arith_data_dir, tmp_path, monkeypatch, caplog):
+    """Guided GRPO against a real HTTP verifier on 127.0.0.1 that fails every other request: the run
+    finishes, failures are counted (not treated as STOP), and the API key reaches the server but no
+    file the run writes and no log line."""
+    from tests.servers.fault import Action, FaultServer
+
+    secret = "sk-test-do-not-leak-8c1f"
+    monkeypatch.setenv("MY_VERIFIER_KEY", secret)
+    with FaultServer(default=Action.reply("Check step 1 again.\n[SCORE] hallucination_detect=1")) as server:
+        server.push(*[Action.error(500), Action.reply("###STOP###")] * 4)
+        cfg = load_config(base_overrides(tiny_model_dir, arith_data_dir, tmp_path) + [
+            "trainer.max_steps=1", "trainer.save_freq=1", "trainer.logger=[file,console]",
+            "worker.rollout.verifier.enable=true", "worker.rollout.verifier.use_http=true",
+            f"worker.rollout.verifier.base_url={server.url}", "worker.rollout.verifier.api_key_env=MY_VERIFIER_KEY",
+            "worker.rollout.verifier.http_max_retries=0", "worker.rollout.verifier.http_timeout=5",
+            "worker.rollout.verifier.max_turns=2", "worker.rollout.verifier.max_trajectory_tokens=160"])
+        with caplog.at_level("DEBUG"):
+            build_trainer(cfg).fit()
+        assert any(r.headers.get("authorization") == f"Bearer {secret}" for r in server.requests)
+    (metrics,) = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    assert metrics["verifier/failures"] >= 4 and metrics["verifier/calls"] > metrics["verifier/failures"]
+    assert secret not in caplog.text
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.suffix != ".py":
+            assert secret.encode() not in path.read_bytes(), path
