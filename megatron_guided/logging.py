@@ -21,11 +21,19 @@ def setup_logging(level: int = logging.INFO) -> None:
 class Tracker:
     """Sends each step's metrics to every configured backend."""
 
-    def __init__(self, cfg: Config, output_dir: Path):
+    def __init__(self, cfg: Config, output_dir: Path, *, start_step: int = 0):
+        """`start_step`: the step the run resumes from (0 = a fresh run); jsonl rows after it (all rows,
+        for a fresh run), left by an interrupted run, are dropped so that the file holds each step once."""
         self.backends = list(cfg.trainer.logger)
         self.output_dir = output_dir
         output_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(output_dir / "metrics.jsonl", "a") if "file" in self.backends else None
+        self._jsonl = None
+        if "file" in self.backends:
+            path = output_dir / "metrics.jsonl"
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if 0 < start_step >= json.loads(line)["step"]] if path.exists() else []
+            path.write_text("".join(kept))
+            self._jsonl = open(path, "a")
         self._tb = None
         if "tensorboard" in self.backends:
             from torch.utils.tensorboard import SummaryWriter

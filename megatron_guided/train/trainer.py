@@ -173,11 +173,12 @@ class Trainer:
         cfg = self.cfg
         output_dir = cfg.output_dir
         save_resolved(cfg, output_dir / "config.yaml")
-        tracker = Tracker(cfg, output_dir)
         self.maybe_resume()
+        tracker = Tracker(cfg, output_dir, start_step=self.step)
+        started = time.perf_counter()
         try:
             if cfg.trainer.val_only or (cfg.trainer.val_before_train and self.step == 0):
-                tracker.log(self.validate(), step=self.step)
+                tracker.log(self.validate() | {"time/elapsed_s": time.perf_counter() - started}, step=self.step)
                 if cfg.trainer.val_only:
                     return
             progress = tqdm(total=self.total_steps, initial=self.step, desc="GRPO", dynamic_ncols=True,
@@ -190,6 +191,7 @@ class Trainer:
                 if last or (cfg.trainer.val_freq > 0 and self.step % cfg.trainer.val_freq == 0):
                     if self.val_data is not None and (cfg.trainer.val_freq > 0 or last):
                         metrics.update(self.validate())
+                metrics["time/elapsed_s"] = time.perf_counter() - started
                 tracker.log(metrics, step=self.step)
                 if last or (cfg.trainer.save_freq > 0 and self.step % cfg.trainer.save_freq == 0):
                     self.save_checkpoint()
@@ -235,6 +237,8 @@ class Trainer:
                 hallucination_score(t, default=self.cfg.worker.rollout.verifier.default_hallucination_score)
                 for t in guided) / max(1, len(guided)),
         }
+        metrics["engine/context_tokens_resent"] = stats.context_tokens_resent
+        metrics["engine/context_tokens_cached"] = stats.context_tokens_cached
         if stats.context_tokens_resent:
             metrics["engine/prefix_reuse"] = stats.context_tokens_cached / stats.context_tokens_resent
         if guided:
@@ -264,11 +268,12 @@ class Trainer:
                     with self.guided.fully_guided():
                         trajectories = self.guided_rollout(prompts, n=n, sampling=sampling, base_seed=seed, step=0,
                                                            show_reference=show, guide_when="always")
-                    metrics |= {f"{prefix}/{k}": v for k, v in self.guided_metrics(trajectories).items()
+                    metrics |= {f"{prefix}/{k.split('/', 1)[1]}": v for k, v in self.guided_metrics(trajectories).items()
                                 if k.startswith(("guided/turns", "guided/corrections"))}
                 else:
                     trajectories = plain_rollout(self.engine, prompts, n=n, sampling=sampling, base_seed=seed, step=0)
                 self.score(trajectories)
+            metrics[f"timing/{prefix}"] = self.timings[f"timing/{prefix}"]
             metrics |= {f"{prefix}/{k}": v for k, v in mean_breakdown(trajectories).items()}
             metrics[f"{prefix}/response_length"] = sum(t.num_policy_tokens for t in trajectories) / len(trajectories)
         return metrics
