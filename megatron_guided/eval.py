@@ -74,7 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
-        results = evaluate(build_trainer(cfg))
+        trainer = build_trainer(cfg)
+        try:
+            results = evaluate(trainer)
+        finally:
+            trainer.close()
     except ConfigError as exc:
         sys.exit(f"config error: {exc}")
     for mode, metrics in results.items():

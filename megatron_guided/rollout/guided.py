@@ -94,6 +94,10 @@ class GuidedRollout:
     def max_trajectory_tokens(self) -> int:
         return self.cfg.max_trajectory_tokens or self.max_response_length
 
+    async def aclose(self) -> None:
+        await self.verifier.aclose()
+        await self.generator.aclose()
+
     @contextlib.contextmanager
     def fully_guided(self):
         """Every sample guided (for evaluation with the verifier), whatever guided_fraction says."""

@@ -198,6 +198,13 @@ class Trainer:
             progress.close()
         finally:
             tracker.close()
+            self.close()
+
+    def close(self) -> None:
+        """Release the verifier's connections and the rollout's event loop."""
+        if self.guided is not None:
+            self.loop.run_until_complete(self.guided.aclose())
+        self.loop.close()
 
     def train_one_step(self) -> dict[str, float]:
         self.timings = {}
