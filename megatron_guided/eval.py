@@ -44,9 +44,9 @@ def evaluate(trainer: Trainer) -> dict[str, dict[str, float]]:
             trajectories = plain_rollout(trainer.engine, prompts, n=override.n, sampling=sampling, base_seed=seed, step=0)
         else:
             with trainer.guided.fully_guided():
-                trajectories = trainer.guided_rollout(
+                trajectories = trainer.guided.rollout(
                     prompts, n=override.n, sampling=sampling, base_seed=seed, step=0, guide_when="always",
-                    show_reference=cfg.worker.rollout.verifier.show_reference == "always")
+                    show_reference=cfg.worker.rollout.verifier.show_reference == "always", score=trainer.score)
         trainer.score(trajectories)
         write_samples(out_dir / f"eval_{mode}.jsonl", trajectories, prompts, trainer.tokenizer)
         results[mode] = mean_breakdown(trajectories) | {

@@ -85,6 +85,8 @@ class GuidedRollout:
     decode: Callable[[list[int]], str]
     max_response_length: int
     stats: GuidedRolloutStats = field(default_factory=GuidedRolloutStats)
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    """One event loop for the whole run, so async clients (httpx) stay bound to it."""
 
     @property
     def max_tokens_per_turn(self) -> int:
@@ -94,9 +96,57 @@ class GuidedRollout:
     def max_trajectory_tokens(self) -> int:
         return self.cfg.max_trajectory_tokens or self.max_response_length
 
-    async def aclose(self) -> None:
-        await self.verifier.aclose()
-        await self.generator.aclose()
+    def rollout(self, prompts: Sequence[PromptSample], *, n: int, sampling: SamplingParams, base_seed: int,
+                step: int, show_reference: bool, score: Callable[[list[Trajectory]], None],
+                guide_when: str | None = None) -> list[Trajectory]:
+        """Synchronous entry: all n samples of every prompt. With guide_when=group_failed the open-loop
+        slots run and are scored (`score` fills rewards) first, and only groups where all of them
+        failed get the verifier in their guided slots."""
+        kwargs = dict(n=n, sampling=sampling, base_seed=base_seed, step=step, show_reference=show_reference)
+        if (guide_when or self.cfg.guide_when) == "always":
+            return self.loop.run_until_complete(self.run(prompts, **kwargs))
+        mask = self.guided_mask(n)
+        first = self.loop.run_until_complete(self.run(prompts, slots=[k for k in range(n) if not mask[k]], **kwargs))
+        score(first)
+        solved = {t.group_id for t in first if t.reward_breakdown.get("accuracy", t.reward) > 0}
+        failed = {g for g in range(len(prompts)) if g not in solved}
+        second = self.loop.run_until_complete(
+            self.run(prompts, slots=[k for k in range(n) if mask[k]], failed_groups=failed, **kwargs))
+        return sorted(first + second, key=lambda t: (t.group_id, t.extra["slot"]))
+
+    def collect_metrics(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
+        """Turns, guidance, verifier health and prefix-cache reuse since the last call (resets stats)."""
+        stats, self.stats = self.stats, GuidedRolloutStats()
+        count = len(trajectories)
+        guided = [t for t in trajectories if t.guided]
+        metrics = {
+            "guided/fraction": len(guided) / count,
+            "guided/turns_mean": sum(t.num_turns for t in trajectories) / count,
+            "guided/corrections_mean": sum(t.num_corrections for t in guided) / max(1, len(guided)),
+            "guided/tokens_policy": sum(t.num_policy_tokens for t in trajectories) / count,
+            "guided/tokens_context": sum(len(t.response_ids) - t.num_policy_tokens for t in trajectories) / count,
+            "verifier/calls": stats.verifier_calls,
+            "verifier/failures": stats.verifier_failures,
+            "verifier/latency_mean_s": stats.verifier_latency_s / max(1, stats.verifier_calls),
+            "verifier/hallucination_score": sum(
+                hallucination_score(t, default=self.cfg.default_hallucination_score) for t in guided
+            ) / max(1, len(guided)),
+            "engine/context_tokens_resent": stats.context_tokens_resent,
+            "engine/context_tokens_cached": stats.context_tokens_cached,
+        }
+        if stats.context_tokens_resent:
+            metrics["engine/prefix_reuse"] = stats.context_tokens_cached / stats.context_tokens_resent
+        if guided:
+            accuracy = [t.reward_breakdown.get("accuracy") for t in guided]
+            if None not in accuracy:
+                metrics["guided/accuracy_guided"] = sum(accuracy) / len(accuracy)
+        return metrics
+
+    def close(self) -> None:
+        """Release the verifier's connections, the batcher and the event loop."""
+        self.loop.run_until_complete(self.verifier.aclose())
+        self.loop.run_until_complete(self.generator.aclose())
+        self.loop.close()
 
     @contextlib.contextmanager
     def fully_guided(self):

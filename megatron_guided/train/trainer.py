@@ -5,7 +5,6 @@ One method per phase, each timed under a stable name (``timing/gen``, ``timing/r
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
@@ -29,7 +28,7 @@ from megatron_guided.data.sampler import PromptSampler
 from megatron_guided.logging import Tracker
 from megatron_guided.reward.function import RewardManager
 from megatron_guided.rollout.engine import GenerationEngine, SamplingParams
-from megatron_guided.rollout.guided import GuidedRollout, GuidedRolloutStats, hallucination_score
+from megatron_guided.rollout.guided import GuidedRollout, hallucination_score
 from megatron_guided.rollout.plain import plain_rollout
 from megatron_guided.rollout.trajectory import Trajectory
 from megatron_guided.train.batch import TrainBatch, build_train_batch
@@ -44,7 +43,6 @@ class Trainer:
                  guided: GuidedRollout | None = None):
         self.cfg = cfg
         self.guided = guided
-        self.loop = asyncio.new_event_loop()  # one loop for the run: async clients stay bound to it
         self.tokenizer, self.backend, self.engine = tokenizer, backend, engine
         self.train_data, self.val_data, self.reward = train_data, val_data, reward
         self.sampler = PromptSampler(num_items=len(train_data), batch_size=cfg.data.rollout_batch_size,
@@ -70,25 +68,8 @@ class Trainer:
         if self.guided is None:
             return plain_rollout(self.engine, prompts, n=n, sampling=self.sampling, base_seed=seed, step=self.step)
         show_reference = self.cfg.worker.rollout.verifier.show_reference != "never"
-        return self.guided_rollout(prompts, n=n, sampling=self.sampling, base_seed=seed, step=self.step,
-                                   show_reference=show_reference)
-
-    def guided_rollout(self, prompts, *, n: int, sampling: SamplingParams, base_seed: int, step: int,
-                       show_reference: bool, guide_when: str | None = None) -> list[Trajectory]:
-        """Guided rollouts; with guide_when=group_failed the open-loop slots run and are scored first,
-        and only groups where all of them failed get the verifier in their guided slots."""
-        guided = self.guided
-        kwargs = dict(n=n, sampling=sampling, base_seed=base_seed, step=step, show_reference=show_reference)
-        if (guide_when or self.cfg.worker.rollout.verifier.guide_when) == "always":
-            return self.loop.run_until_complete(guided.run(prompts, **kwargs))
-        mask = guided.guided_mask(n)
-        first = self.loop.run_until_complete(guided.run(prompts, slots=[k for k in range(n) if not mask[k]], **kwargs))
-        self.score(first)
-        solved = {t.group_id for t in first if t.reward_breakdown.get("accuracy", t.reward) > 0}
-        failed = {g for g in range(len(prompts)) if g not in solved}
-        second = self.loop.run_until_complete(guided.run(prompts, slots=[k for k in range(n) if mask[k]],
-                                                         failed_groups=failed, **kwargs))
-        return sorted(first + second, key=lambda t: (t.group_id, t.extra["slot"]))
+        return self.guided.rollout(prompts, n=n, sampling=self.sampling, base_seed=seed, step=self.step,
+                                   show_reference=show_reference, score=self.score)
 
     def score(self, trajectories: list[Trajectory]) -> None:
         """Fill each trajectory's reward from the reward function (policy text only), minus
@@ -201,10 +182,8 @@ class Trainer:
             self.close()
 
     def close(self) -> None:
-        """Release the verifier's connections and the rollout's event loop."""
         if self.guided is not None:
-            self.loop.run_until_complete(self.guided.aclose())
-        self.loop.close()
+            self.guided.close()
 
     def train_one_step(self) -> dict[str, float]:
         self.timings = {}
@@ -225,32 +204,7 @@ class Trainer:
         return metrics
 
     def guided_metrics(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
-        """Turns, guidance, verifier health and prefix-cache reuse of the last guided rollout(s)."""
-        if self.guided is None:
-            return {}
-        stats, self.guided.stats = self.guided.stats, GuidedRolloutStats()
-        count = len(trajectories)
-        guided = [t for t in trajectories if t.guided]
-        metrics = {
-            "guided/fraction": len(guided) / count,
-            "guided/turns_mean": sum(t.num_turns for t in trajectories) / count,
-            "guided/corrections_mean": sum(t.num_corrections for t in guided) / max(1, len(guided)),
-            "guided/tokens_policy": sum(t.num_policy_tokens for t in trajectories) / count,
-            "guided/tokens_context": sum(len(t.response_ids) - t.num_policy_tokens for t in trajectories) / count,
-            "verifier/calls": stats.verifier_calls,
-            "verifier/failures": stats.verifier_failures,
-            "verifier/latency_mean_s": stats.verifier_latency_s / max(1, stats.verifier_calls),
-            "verifier/hallucination_score": sum(
-                hallucination_score(t, default=self.cfg.worker.rollout.verifier.default_hallucination_score)
-                for t in guided) / max(1, len(guided)),
-        }
-        metrics["engine/context_tokens_resent"] = stats.context_tokens_resent
-        metrics["engine/context_tokens_cached"] = stats.context_tokens_cached
-        if stats.context_tokens_resent:
-            metrics["engine/prefix_reuse"] = stats.context_tokens_cached / stats.context_tokens_resent
-        if guided:
-            metrics["guided/accuracy_guided"] = mean_breakdown(guided).get("accuracy", float("nan"))
-        return metrics
+        return {} if self.guided is None else self.guided.collect_metrics(trajectories)
 
     def validate(self) -> dict[str, float]:
         """Greedy (val_override_config) accuracy on the validation set, plus sampled accuracy at the
@@ -273,8 +227,8 @@ class Trainer:
                 if prefix == "val_guided":
                     show = self.cfg.worker.rollout.verifier.show_reference == "always"
                     with self.guided.fully_guided():
-                        trajectories = self.guided_rollout(prompts, n=n, sampling=sampling, base_seed=seed, step=0,
-                                                           show_reference=show, guide_when="always")
+                        trajectories = self.guided.rollout(prompts, n=n, sampling=sampling, base_seed=seed, step=0,
+                                                           show_reference=show, score=self.score, guide_when="always")
                     metrics |= {f"{prefix}/{k.split('/', 1)[1]}": v for k, v in self.guided_metrics(trajectories).items()
                                 if k.startswith(("guided/turns", "guided/corrections"))}
                 else:
