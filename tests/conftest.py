@@ -18,6 +18,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"needs {marker.args[0] if marker.args else 1} CUDA GPU(s)"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_intra_op_thread():
+    """The tests run thousands of tiny ops; on 2 shared cores a second intra-op thread mostly waits for
+    a time slice (measured: 20 s instead of 0.15 s for the engine throughput test under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_qwen2(*, seed: int = 0, vocab_size: int = 64, max_positions: int = 512):
+    """A small random Qwen2 (eager attention, eval mode). initializer_range=0.2: with the default 0.02,
+    greedy decoding of a random tied-embedding model repeats one token forever, which would make
+    greedy/EOS/stop-string checks toothless."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=max_positions,
+                         tie_word_embeddings=True, initializer_range=0.2)
+    return Qwen2ForCausalLM._from_config(config, attn_implementation="eager").eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny-qwen2"

@@ -8,30 +8,19 @@ import time
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from megatron_guided.rollout.batcher import AsyncBatchGenerator
 from megatron_guided.rollout.engine import Completion, FinishReason, GenerationRequest, SamplingParams
 from megatron_guided.rollout.hf_engine import HFEngine
 
+from tests.conftest import random_qwen2
+
 VOCAB = 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def engine() -> HFEngine:
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
-                         tie_word_embeddings=True, initializer_range=0.2)  # 0.2: greedy is not one token forever
-    model = Qwen2ForCausalLM._from_config(config, attn_implementation="eager").eval()
+    model = random_qwen2(seed=0, vocab_size=VOCAB, max_positions=256)
     return HFEngine(model, eos_token_ids=[], pad_token_id=0)
 
 

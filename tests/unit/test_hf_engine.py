@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
 from megatron_guided.rollout.engine import (
     Completion,
@@ -22,35 +22,13 @@ from megatron_guided.rollout.engine import (
 )
 from megatron_guided.rollout.hf_engine import HFEngine
 
+from tests.conftest import random_qwen2
+
 VOCAB = 64
 
 
 def _tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        # With the default 0.02 init, greedy decoding of a random tied-embedding model just repeats one
-        # token forever, which would make the greedy/EOS/stop-string checks toothless.
-        initializer_range=0.2,
-    )
-    return Qwen2ForCausalLM._from_config(config, attn_implementation="eager").eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    """Thousands of tiny ops: on 2 shared cores, a second intra-op thread mostly waits for a time slice
-    (measured: 20 s vs 0.15 s for the throughput test under load). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    return random_qwen2(seed=seed, vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module")

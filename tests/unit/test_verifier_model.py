@@ -18,14 +18,6 @@ from megatron_guided.verifier.model import ModelVerifier
 PROBLEM = "Compute ((47+5)-3)+8."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer([row["solution"] + row["problem"] for row in make_dataset(20, seed=0)])
