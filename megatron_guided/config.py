@@ -439,7 +439,7 @@ def load_config(argv: list[str] | None = None, *, schema: type = Config, check=N
     return cfg
 
 
-SECRET_KEY_PATTERN = re.compile(r"(api_key|token|secret|password)$", re.IGNORECASE)
+SECRET_KEY_PATTERN = re.compile(r"(api_key|secret|password|access_token|auth_token|hf_token)$", re.IGNORECASE)
 REDACTED = "***redacted***"
 
 

@@ -56,3 +56,4 @@ def test_resolved_config_redacts_secrets(tmp_path):
     text = out.read_text()
     assert "sk-live-123" not in text and "redacted" in text and "format_weight: 0.1" in text
     assert yaml.safe_load(text)["worker"]["rollout"]["n"] == cfg.worker.rollout.n
+    assert yaml.safe_load(text)["worker"]["rollout"]["verifier"]["stop_token"] == "###STOP###"  # not a secret
