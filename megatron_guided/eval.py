@@ -11,7 +11,6 @@ the mean of every reward key per mode.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import sys
@@ -19,7 +18,6 @@ from pathlib import Path
 
 from megatron_guided.config import ConfigError, load_config
 from megatron_guided.logging import setup_logging
-from megatron_guided.rollout.plain import plain_rollout
 from megatron_guided.rollout.trajectory import Trajectory
 from megatron_guided.train.main import build_trainer
 from megatron_guided.train.trainer import Trainer, mean_breakdown
@@ -33,21 +31,14 @@ def evaluate(trainer: Trainer) -> dict[str, dict[str, float]]:
     if trainer.val_data is None:
         raise ConfigError("data.val_files: the dataset to evaluate on is required")
     override = cfg.worker.rollout.val_override_config
-    sampling = dataclasses.replace(trainer.sampling, temperature=override.temperature, top_p=override.top_p)
-    prompts, seed = list(trainer.val_data), cfg.worker.rollout.seed + 7919
+    prompts = list(trainer.val_data)
     out_dir = cfg.output_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     modes = ["policy"] + (["guided"] if trainer.guided is not None else [])
     for mode in modes:
-        if mode == "policy":
-            trajectories = plain_rollout(trainer.engine, prompts, n=override.n, sampling=sampling, base_seed=seed, step=0)
-        else:
-            with trainer.guided.fully_guided():
-                trajectories = trainer.guided.rollout(
-                    prompts, n=override.n, sampling=sampling, base_seed=seed, step=0, guide_when="always",
-                    show_reference=cfg.worker.rollout.verifier.show_reference == "always", score=trainer.score)
-        trainer.score(trajectories)
+        trajectories = trainer.validation_rollout(guided=mode == "guided", temperature=override.temperature,
+                                                  top_p=override.top_p, n=override.n)
         write_samples(out_dir / f"eval_{mode}.jsonl", trajectories, prompts, trainer.tokenizer)
         results[mode] = mean_breakdown(trajectories) | {
             "turns_mean": sum(t.num_turns for t in trajectories) / len(trajectories)}

@@ -10,7 +10,6 @@ Writes an HF folder (model + tokenizer) to ``sft.output_dir``, atomically.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from megatron_guided.checkpoint.manager import TMP_PREFIX, publish_dir
 from megatron_guided.config import ConfigError, DataConfig, load_config, save_resolved
 from megatron_guided.data.dataset import build_prompt_dataset
 from megatron_guided.logging import setup_logging
@@ -163,15 +163,11 @@ def train_sft(cfg: SFTConfig) -> Path:
 
 
 def save_hf_atomically(model, tokenizer, out: Path) -> Path:
-    tmp = out.with_name(f".tmp-{out.name}")
+    tmp = out.with_name(f"{TMP_PREFIX}{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    old = out.with_name(f".old-{out.name}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, out)
     return out
 
 

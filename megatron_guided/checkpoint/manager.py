@@ -50,6 +50,18 @@ def _fsync_tree(root: Path) -> None:
         os.close(dir_fd)
 
 
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Make the fully written folder `tmp` appear as `final`: fsync it, move an existing `final`
+    aside, rename, then delete the old one. A crash leaves either the old or the new folder."""
+    _fsync_tree(tmp)
+    old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     with open(tmp, "w") as handle:
@@ -91,10 +103,7 @@ class CheckpointManager:
         if tokenizer is not None:
             tokenizer.save_pretrained(hf_dir)
         torch.save(trainer_state, tmp / "trainer_state.pt")
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish_dir(tmp, final)
         _atomic_write_text(self.root / "latest", final.name)
         self._prune()
         return final

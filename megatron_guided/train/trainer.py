@@ -219,25 +219,32 @@ class Trainer:
             runs["val_sampled"] = (rollout.temperature, rollout.top_p, self.cfg.trainer.val_sampled_n)
         if self.guided is not None:  # the policy with its verifier, greedy
             runs["val_guided"] = (override.temperature, override.top_p, override.n)
-        prompts = list(self.val_data)
-        seed = self.cfg.worker.rollout.seed + 7919
         for prefix, (temperature, top_p, n) in runs.items():
-            sampling = dataclasses.replace(self.sampling, temperature=temperature, top_p=top_p)
             with self._timed(prefix):
-                if prefix == "val_guided":
-                    show = self.cfg.worker.rollout.verifier.show_reference == "always"
-                    with self.guided.fully_guided():
-                        trajectories = self.guided.rollout(prompts, n=n, sampling=sampling, base_seed=seed, step=0,
-                                                           show_reference=show, score=self.score, guide_when="always")
-                    metrics |= {f"{prefix}/{k.split('/', 1)[1]}": v for k, v in self.guided_metrics(trajectories).items()
-                                if k.startswith(("guided/turns", "guided/corrections"))}
-                else:
-                    trajectories = plain_rollout(self.engine, prompts, n=n, sampling=sampling, base_seed=seed, step=0)
-                self.score(trajectories)
+                trajectories = self.validation_rollout(guided=prefix == "val_guided", temperature=temperature,
+                                                       top_p=top_p, n=n)
+            if prefix == "val_guided":
+                metrics |= {f"{prefix}/{k.split('/', 1)[1]}": v for k, v in self.guided_metrics(trajectories).items()
+                            if k.startswith(("guided/turns", "guided/corrections"))}
             metrics[f"timing/{prefix}"] = self.timings[f"timing/{prefix}"]
             metrics |= {f"{prefix}/{k}": v for k, v in mean_breakdown(trajectories).items()}
             metrics[f"{prefix}/response_length"] = sum(t.num_policy_tokens for t in trajectories) / len(trajectories)
         return metrics
+
+    def validation_rollout(self, *, guided: bool, temperature: float, top_p: float, n: int) -> list[Trajectory]:
+        """Scored rollouts on the validation set: the policy alone, or with its verifier on every sample
+        (the reference answer shown only with show_reference=always)."""
+        sampling = dataclasses.replace(self.sampling, temperature=temperature, top_p=top_p)
+        prompts, seed = list(self.val_data), self.cfg.worker.rollout.seed + 7919
+        if guided:
+            show = self.cfg.worker.rollout.verifier.show_reference == "always"
+            with self.guided.fully_guided():
+                trajectories = self.guided.rollout(prompts, n=n, sampling=sampling, base_seed=seed, step=0,
+                                                   show_reference=show, score=self.score, guide_when="always")
+        else:
+            trajectories = plain_rollout(self.engine, prompts, n=n, sampling=sampling, base_seed=seed, step=0)
+        self.score(trajectories)
+        return trajectories
 
     # -- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
