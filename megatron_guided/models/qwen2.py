@@ -7,13 +7,13 @@ tensors are absent are skipped. With tied embeddings HF has no `lm_head.weight` 
 
 from __future__ import annotations
 
-from megatron_guided.models.mapping import QKV, AttentionShape, GatedMLP, Replicated, Rule, Split
+from megatron_guided.models.mapping import QKV, GatedMLP, ModelShape, Replicated, Rule, Split, VocabSplit
 
 HF_LAYER = "model.layers.{i}"
 MG_LAYER = "decoder.layers.{i}"
 
 RULES: list[Rule] = [
-    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), Split(0)),
+    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VocabSplit()),
     Rule(f"{MG_LAYER}.input_layernorm.weight", (f"{HF_LAYER}.input_layernorm.weight",), Replicated()),
     Rule(f"{MG_LAYER}.self_attention.linear_qkv.weight",
          tuple(f"{HF_LAYER}.self_attn.{p}_proj.weight" for p in "qkv"), QKV()),
@@ -27,12 +27,23 @@ RULES: list[Rule] = [
          (f"{HF_LAYER}.mlp.gate_proj.weight", f"{HF_LAYER}.mlp.up_proj.weight"), GatedMLP()),
     Rule(f"{MG_LAYER}.mlp.linear_fc2.weight", (f"{HF_LAYER}.mlp.down_proj.weight",), Split(1)),
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",), Replicated()),
-    Rule("output_layer.weight", ("lm_head.weight",), Split(0)),
+    Rule("output_layer.weight", ("lm_head.weight",), VocabSplit()),
 ]
 
 
-def attention_shape(hf_config) -> AttentionShape:
-    """Head layout from an HF config (head_dim defaults to hidden_size / num_attention_heads)."""
+def model_shape(hf_config, *, padded_vocab_size: int | None = None) -> ModelShape:
+    """Head layout and vocabulary from an HF config (head_dim defaults to hidden / heads)."""
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    return AttentionShape(num_heads=hf_config.num_attention_heads,
-                          num_query_groups=hf_config.num_key_value_heads, head_dim=head_dim)
+    return ModelShape(num_heads=hf_config.num_attention_heads, num_query_groups=hf_config.num_key_value_heads,
+                      head_dim=head_dim, vocab_size=hf_config.vocab_size,
+                      padded_vocab_size=padded_vocab_size or hf_config.vocab_size)
+
+
+def _te_name(megatron: str) -> str:
+    """Transformer Engine's spec fuses the pre-attention and pre-MLP norms into the next linear."""
+    return (megatron.replace("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight")
+            .replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"))
+
+
+TE_RULES: list[Rule] = [Rule(_te_name(r.megatron), r.hf, r.transform) for r in RULES]
+"""The same table for the Transformer Engine layer spec (GPU)."""

@@ -8,7 +8,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from megatron_guided.models.mapping import hf_to_megatron, megatron_to_hf
-from megatron_guided.models.qwen2 import RULES, attention_shape
+from megatron_guided.models.qwen2 import RULES, model_shape
 
 
 def hf_state(tied: bool) -> tuple[dict[str, torch.Tensor], Qwen2Config]:
@@ -25,12 +25,12 @@ def hf_state(tied: bool) -> tuple[dict[str, torch.Tensor], Qwen2Config]:
 @pytest.mark.parametrize("tied", [True, False])
 def test_round_trip_is_exact(tp, tied):
     state, config = hf_state(tied)
-    shape = attention_shape(config)
-    shards = hf_to_megatron(state, RULES, num_layers=2, tp=tp, shape=shape)
+    shape = model_shape(config)
+    shards = hf_to_megatron(state, RULES, layers=range(2), tp=tp, shape=shape)
     assert ("output_layer.weight" in shards[0]) is not tied
     qkv = shards[0]["decoder.layers.0.self_attention.linear_qkv.weight"]
     assert qkv.shape == ((8 + 2 * 4) * 4 // tp, 32)
-    back = megatron_to_hf(shards, RULES, num_layers=2, shape=shape)
+    back = megatron_to_hf(shards, RULES, layers=range(2), shape=shape)
     assert back.keys() == state.keys()
     for name in state:
         assert torch.equal(back[name], state[name]), name
@@ -38,8 +38,8 @@ def test_round_trip_is_exact(tp, tied):
 
 def test_qkv_rows_are_grouped_per_query_group():
     state, config = hf_state(True)
-    shape = attention_shape(config)  # 8 heads, 4 groups, head_dim 4: 2 q heads per group
-    (mg,) = hf_to_megatron(state, RULES, num_layers=2, tp=1, shape=shape)
+    shape = model_shape(config)  # 8 heads, 4 groups, head_dim 4: 2 q heads per group
+    (mg,) = hf_to_megatron(state, RULES, layers=range(2), tp=1, shape=shape)
     q, k, v = (state[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv")
     expected = []
     for g in range(4):  # naive reference: [q heads of g; k_g; v_g]
@@ -52,7 +52,7 @@ def test_qkv_rows_are_grouped_per_query_group():
 
 def test_fc1_holds_gate_then_up_per_rank():
     state, config = hf_state(True)
-    shards = hf_to_megatron(state, RULES, num_layers=2, tp=2, shape=attention_shape(config))
+    shards = hf_to_megatron(state, RULES, layers=range(2), tp=2, shape=model_shape(config))
     gate, up = state["model.layers.1.mlp.gate_proj.weight"], state["model.layers.1.mlp.up_proj.weight"]
     assert torch.equal(shards[1]["decoder.layers.1.mlp.linear_fc1.weight"], torch.cat([gate[24:], up[24:]]))
 
@@ -61,6 +61,6 @@ def test_unmapped_names_are_listed():
     state, config = hf_state(True)
     state["model.layers.0.self_attn.rotary_extra"] = torch.zeros(1)
     with pytest.raises(KeyError, match="rotary_extra"):
-        hf_to_megatron(state, RULES, num_layers=2, tp=1, shape=attention_shape(config))
+        hf_to_megatron(state, RULES, layers=range(2), tp=1, shape=model_shape(config))
     with pytest.raises(ValueError, match="TP=3"):
-        hf_to_megatron(hf_state(True)[0], RULES, num_layers=2, tp=3, shape=attention_shape(config))
+        hf_to_megatron(hf_state(True)[0], RULES, layers=range(2), tp=3, shape=model_shape(config))
