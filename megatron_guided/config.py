@@ -82,9 +82,45 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True)
+class MegatronConfig:
+    """worker.actor.megatron.*: how Megatron-Core cuts and runs the policy (strategy=megatron).
+
+    The world is tp × pp × cp × dp ranks; on CPU they are local processes on gloo, on GPUs one
+    rank per GPU on NCCL."""
+
+    tp: int = 1
+    """Tensor-parallel size (attention heads and KV heads must divide by it)."""
+    pp: int = 1
+    """Pipeline-parallel size (layers must divide by pp × vpp)."""
+    vpp: int = 0
+    """Virtual pipeline stages per rank (interleaved schedule); 0 = off. Needs pp > 1."""
+    cp: int = 1
+    """Context-parallel size for long sequences (GPU + Transformer Engine only)."""
+    dp: int = 1
+    """Data-parallel replicas."""
+    sequence_parallel: bool = False
+    """Shard activations along the sequence in TP regions (GPU + Transformer Engine only)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state across data-parallel ranks (ZeRO-1). Its checkpoints reshard over DP only;
+    set false to resume at a different TP/PP."""
+    recompute: str = ""
+    """"" (off) | selective (core attention) | full (whole layers): activation recomputation."""
+    fp8: str = ""
+    """"" (off) | hybrid | e4m3: FP8 GEMMs through Transformer Engine (Hopper GPUs)."""
+    fp8_recipe: str = "delayed"
+    """delayed | tensorwise (current scaling)."""
+    max_tokens_per_micro_batch: int = 0
+    """Token budget of one micro-batch per rank; 0 = worker.actor.max_token_len_per_micro_batch."""
+    make_vocab_size_divisible_by: int = 128
+    """The vocabulary is padded to a multiple of this × tp (padded logits are masked out)."""
+    master_port: int = 0
+    """Rendezvous port of the local worker group; 0 = pick a free one."""
+
+
+@dataclass(kw_only=True)
 class ActorConfig:
-    backend: str = "torch"
-    """torch (transformers model in this process) | megatron."""
+    strategy: str = "torch"
+    """torch (a transformers model in this process) | megatron (Megatron-Core ranks, worker.actor.megatron)."""
     global_batch_size: int = 16
     """Prompts per optimizer step (mini-batch); its samples are global_batch_size × rollout.n."""
     micro_batch_size_per_device_for_update: int = 64
@@ -107,6 +143,7 @@ class ActorConfig:
     """Pack micro-batches without padding when the attention implementation supports it."""
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
 
 @dataclass(kw_only=True)
@@ -303,6 +340,21 @@ def _check_choice(key: str, value: Any, allowed: Any) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {sorted(allowed)}")
 
 
+def _validate_megatron(mg: MegatronConfig) -> None:
+    """Static checks of worker.actor.megatron; the model-dependent ones (heads, layers) and the
+    GPU-only options are checked against the model and the machine when the backend starts."""
+    for key in ("tp", "pp", "cp", "dp"):
+        if getattr(mg, key) < 1:
+            raise ConfigError(f"worker.actor.megatron.{key}={getattr(mg, key)} must be >= 1")
+    if mg.vpp < 0 or (mg.vpp > 1 and mg.pp < 2):
+        raise ConfigError(f"worker.actor.megatron.vpp={mg.vpp} needs pp >= 2 (virtual stages interleave a pipeline)")
+    _check_choice("worker.actor.megatron.recompute", mg.recompute, ("", "selective", "full"))
+    _check_choice("worker.actor.megatron.fp8", mg.fp8, ("", "hybrid", "e4m3"))
+    _check_choice("worker.actor.megatron.fp8_recipe", mg.fp8_recipe, ("delayed", "tensorwise"))
+    if mg.make_vocab_size_divisible_by < 1:
+        raise ConfigError("worker.actor.megatron.make_vocab_size_divisible_by must be >= 1")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the dotted key and the fix."""
     data, actor, rollout = cfg.data, cfg.worker.actor, cfg.worker.rollout
@@ -311,7 +363,8 @@ def validate(cfg: Config) -> None:
     _check_choice("algorithm.kl_penalty", algo.kl_penalty, KL_PENALTIES)
     _check_choice("worker.actor.loss_type", actor.loss_type, LOSS_TYPES)
     _check_choice("worker.actor.loss_avg_mode", actor.loss_avg_mode, LOSS_AVG_MODES)
-    _check_choice("worker.actor.backend", actor.backend, ("torch", "megatron"))
+    _check_choice("worker.actor.strategy", actor.strategy, ("torch", "megatron"))
+    _validate_megatron(actor.megatron)
     _check_choice("worker.actor.model.dtype", actor.model.dtype, ("float32", "bfloat16", "float16"))
     _check_choice("worker.actor.optim.lr_scheduler_type", actor.optim.lr_scheduler_type,
                   ("constant", "linear", "cosine"))

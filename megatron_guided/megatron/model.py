@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor
 
+from megatron_guided.megatron.layout import ParallelLayout
 from megatron_guided.models.mapping import ModelShape, hf_to_megatron, megatron_to_hf
 from megatron_guided.models.qwen2 import RULES, TE_RULES, model_shape
 
@@ -31,18 +31,6 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 
 class UnsupportedModelError(ValueError):
     pass
-
-
-@dataclass(frozen=True, kw_only=True)
-class ParallelLayout:
-    """How one model is cut: sizes of the tensor / pipeline / virtual-pipeline / context splits."""
-
-    tp: int = 1
-    pp: int = 1
-    vpp: int | None = None
-    cp: int = 1
-    sequence_parallel: bool = False
-    make_vocab_size_divisible_by: int = 128
 
 
 def te_available() -> bool:

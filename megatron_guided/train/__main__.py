@@ -2,4 +2,5 @@
 
 from megatron_guided.train.main import main
 
-main()
+if __name__ == "__main__":  # worker processes (spawn) re-import this module: they must not train
+    main()

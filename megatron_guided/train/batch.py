@@ -49,6 +49,10 @@ class TrainBatch:
                 fields[f.name] = value[index, :width]
         return TrainBatch(**fields)
 
+    def to(self, device: torch.device | str) -> TrainBatch:
+        return TrainBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                             for f in dataclasses.fields(self)})
+
 
 def build_train_batch(trajectories: Sequence[Trajectory], *, pad_token_id: int) -> TrainBatch:
     """Pad trajectories into a TrainBatch (advantages zero until the estimator fills them)."""

@@ -8,7 +8,6 @@ depend on how the mini-batch was split.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,11 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_guided.algo.aggregation import aggregate_loss, masked_mean
-from megatron_guided.algo.kl import KL_ESTIMATORS
-from megatron_guided.algo.policy_loss import POLICY_LOSSES
-from megatron_guided.config import LOSS_AVG_MODES, ActorConfig, AlgorithmConfig, OptimConfig
+from megatron_guided.config import ActorConfig, AlgorithmConfig, OptimConfig
 from megatron_guided.train.batch import TrainBatch, split_by_token_budget
+from megatron_guided.train.objective import STAT_NAMES, PolicyObjective, decays, lr_factor, mini_batch_counts
 
 
 def token_logprobs(logits: Tensor, input_ids: Tensor, *, temperature: float) -> tuple[Tensor, Tensor]:
@@ -37,21 +34,7 @@ def token_logprobs(logits: Tensor, input_ids: Tensor, *, temperature: float) -> 
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    """Linear warmup over `lr_warmup_steps` optimizer steps, then constant / linear / cosine decay
-    to `min_lr_ratio`·lr at `total_steps`."""
-    warmup, floor = cfg.lr_warmup_steps, cfg.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.lr_scheduler_type == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        if cfg.lr_scheduler_type == "linear":
-            return floor + (1 - floor) * (1 - progress)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
 
 
 class TorchBackend:
@@ -65,15 +48,15 @@ class TorchBackend:
         self.temperature = temperature
         self.num_mini_batches = num_mini_batches
         self.max_response_length = max_response_length
-        self.loss_fn = POLICY_LOSSES[{"default": "ppo"}.get(actor.loss_type, actor.loss_type)]
-        self.agg_mode = LOSS_AVG_MODES[actor.loss_avg_mode]
+        self.objective = PolicyObjective(actor, algorithm, max_response_length=max_response_length)
         self.needs_ref = algorithm.kl_coef > 0
         self.ref_model = copy.deepcopy(model).eval().requires_grad_(False) if self.needs_ref else None
         if actor.model.enable_gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=actor.optim.lr, betas=tuple(actor.optim.betas),
-            weight_decay=actor.optim.weight_decay)
+        params = list(model.named_parameters())
+        groups = [{"params": [p for n, p in params if decays(n, p)], "weight_decay": actor.optim.weight_decay},
+                  {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=actor.optim.lr, betas=tuple(actor.optim.betas))
         self.scheduler = build_scheduler(self.optimizer, actor.optim, total_optimizer_steps)
 
     # -- forward passes -------------------------------------------------------------------
@@ -151,32 +134,16 @@ class TorchBackend:
         return {name: sums[name] / counts[name] for name in sums}
 
     def _optimizer_step(self, mini: TrainBatch) -> dict[str, float]:
-        global_tokens = mini.loss_mask.sum().clamp(min=1.0)
-        global_seqs = int((mini.loss_mask.sum(-1) > 0).sum().clamp(min=1))
-        stats = {"loss": 0.0, "kl_loss": 0.0, "entropy": 0.0, "clipfrac": 0.0, "ppo_kl": 0.0,
-                 "rollout_logprob_abs_diff": 0.0}
+        global_tokens, global_seqs = mini_batch_counts(mini)
+        stats = dict.fromkeys(STAT_NAMES, 0.0)
         self.optimizer.zero_grad(set_to_none=True)
         for rows in self._micro_batches(mini, for_update=True):
             mb = mini.select(rows)
             logp, entropy = self._forward(self.model, mb)
-            old = logp.detach() if mb.old_logprobs is None else mb.old_logprobs
-            per_token, metrics = self._policy_loss(logp, old, mb)
-            loss = aggregate_loss(per_token, mb.loss_mask, mode=self.agg_mode, global_num_tokens=global_tokens,
-                                  global_num_seqs=global_seqs, max_response_len=self.max_response_length)
-            if self.algorithm.use_kl_loss and self.needs_ref:
-                kl = KL_ESTIMATORS[self.algorithm.kl_penalty](logp, mb.ref_logprobs)
-                kl_loss = aggregate_loss(kl, mb.loss_mask, mode=self.agg_mode, global_num_tokens=global_tokens,
-                                         global_num_seqs=global_seqs, max_response_len=self.max_response_length)
-                loss = loss + self.algorithm.kl_coef * kl_loss
-                stats["kl_loss"] += float(kl_loss.detach())
+            loss, mb_stats = self.objective(logp, entropy, mb, global_tokens=global_tokens, global_seqs=global_seqs)
             loss.backward()
-            weight = float(mb.loss_mask.sum() / global_tokens)
-            stats["loss"] += float(loss.detach())
-            stats["entropy"] += float(masked_mean(entropy.detach(), mb.loss_mask)) * weight
-            stats["clipfrac"] += float(masked_mean(metrics["clipfrac"], mb.loss_mask)) * weight
-            stats["ppo_kl"] += float(masked_mean(metrics["approx_kl"], mb.loss_mask)) * weight
-            stats["rollout_logprob_abs_diff"] += float(
-                masked_mean((logp.detach() - mb.rollout_logprobs).abs(), mb.loss_mask)) * weight
+            for name, value in mb_stats.items():
+                stats[name] += value
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.actor.max_grad_norm)
         if torch.isfinite(grad_norm):
             self.optimizer.step()
@@ -184,13 +151,6 @@ class TorchBackend:
         stats["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         return stats
-
-    def _policy_loss(self, logp: Tensor, old: Tensor, mb: TrainBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        kwargs: dict[str, Any] = {"clip_ratio_low": self.actor.clip_ratio_low,
-                                  "clip_ratio_high": self.actor.clip_ratio_high}
-        if self.actor.loss_type == "default":
-            kwargs["clip_ratio_dual"] = self.actor.clip_ratio_dual if self.actor.clip_ratio_dual > 1 else None
-        return self.loss_fn(logp, old, mb.advantages, mb.loss_mask, **kwargs)
 
     # -- weights and state ----------------------------------------------------------------
     def export_weights(self) -> Iterator[tuple[str, Tensor]]:

@@ -1,0 +1,89 @@
+"""Megatron training state in `dist_checkpointing` (torch_dist) format: model, optimizer and the
+worker's counters. Tensors are stored by their global identity (layer index, full shape, offsets),
+so a checkpoint saved at one TP/PP loads at another.
+
+The optimizer state reshards with the model when it is the plain (non-distributed) Megatron
+optimizer. The distributed optimizer is saved `dp_reshardable` (megatron-core 0.16.1's
+`fully_reshardable` does not restore Adam's `step`): it resumes at another DP size but the same
+TP/PP; `load_training_state` says so instead of loading wrong moments.
+
+Atomicity is the caller's: the trainer writes into a temporary checkpoint folder and renames it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_guided.megatron.layout import ParallelLayout
+
+MODEL_DIR = "dist_ckpt"
+LAYOUT_FILE = "layout.json"
+
+
+def _optimizer_metadata(distributed_optimizer: bool) -> dict[str, str] | None:
+    return {"distrib_optim_sharding_type": "dp_reshardable"} if distributed_optimizer else None
+
+
+def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    """Megatron-LM's convention: `model`, or `model0`, `model1`, … with virtual pipeline stages."""
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def save_training_state(path: Path, chunks: list[torch.nn.Module], optimizer, extra: dict[str, Any], *,
+                        layout: ParallelLayout, distributed_optimizer: bool) -> None:
+    """Collective: every rank calls it with the same `path`."""
+    from megatron.core import dist_checkpointing
+
+    target = path / MODEL_DIR
+    if torch.distributed.get_rank() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+        (path / LAYOUT_FILE).write_text(json.dumps(
+            {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp, "dp": layout.dp,
+             "distributed_optimizer": distributed_optimizer}, indent=2))
+    torch.distributed.barrier()
+    state = model_sharded_state_dict(chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_optimizer_metadata(distributed_optimizer))
+    state["extra"] = extra
+    dist_checkpointing.save(state, str(target), content_metadata=_optimizer_metadata(distributed_optimizer))
+    torch.distributed.barrier()
+
+
+def saved_layout(path: Path) -> dict[str, Any]:
+    file = Path(path) / LAYOUT_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: not a Megatron training checkpoint (no {LAYOUT_FILE})")
+    return json.loads(file.read_text())
+
+
+@torch.no_grad()
+def load_training_state(path: Path, chunks: list[torch.nn.Module], optimizer, *, layout: ParallelLayout,
+                        distributed_optimizer: bool) -> dict[str, Any]:
+    """Collective. Loads model and optimizer into place; returns the saved `extra` dict."""
+    from megatron.core import dist_checkpointing
+
+    saved = saved_layout(path)
+    if saved["distributed_optimizer"] != distributed_optimizer:
+        raise ValueError(f"{path} was saved with use_distributed_optimizer={saved['distributed_optimizer']}; "
+                         f"resume with the same worker.actor.megatron.use_distributed_optimizer")
+    if distributed_optimizer and (saved["tp"], saved["pp"], saved["vpp"]) != (layout.tp, layout.pp, layout.vpp):
+        raise ValueError(f"{path}: distributed-optimizer state was saved at tp={saved['tp']} pp={saved['pp']} "
+                         f"vpp={saved['vpp']} and reshards over DP only; resume at that tp/pp/vpp, or save with "
+                         f"worker.actor.megatron.use_distributed_optimizer=false to change them")
+    state = model_sharded_state_dict(chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
+                                                      metadata=_optimizer_metadata(distributed_optimizer))
+    state["extra"] = None
+    loaded = dist_checkpointing.load(state, str(path / MODEL_DIR))
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"])
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded[f"model{i}"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    return loaded["extra"]

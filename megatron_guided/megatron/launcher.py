@@ -1,0 +1,178 @@
+"""A group of Megatron ranks as local processes, driven by calls from the trainer process.
+
+Each rank is a spawned process that initialises `torch.distributed` (NCCL with GPUs, gloo on CPU,
+rendezvous on 127.0.0.1), applies the CPU compatibility layer when there is no GPU, builds a
+`MegatronWorker` and then serves method calls from a pipe. A call goes to every rank (SPMD); the
+driver gets one result per rank. A method that returns a generator streams its items (weight
+buckets) back as they are produced.
+
+Failures are reported, never hung on: a rank that raises sends its traceback, a rank that dies is
+noticed by its exit code, and in both cases every rank is stopped and the driver raises
+`WorkerGroupError` naming the rank. The group is stopped at interpreter exit too, so no rank
+outlives the trainer.
+
+The Ray worker group (scale-out) implements the same `call` / `call_stream` / `close` interface.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing as mp
+import os
+import socket
+import traceback
+import types
+from collections.abc import Iterator
+from typing import Any
+
+_ITEM, _DONE, _ERROR = "item", "done", "error"
+
+
+class WorkerGroupError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve(rank: int, world_size: int, port: int, threads: int, spec, conn) -> None:
+    """Body of one rank's process."""
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+        import torch
+
+        torch.set_num_threads(threads)
+        from megatron_guided.megatron import compat
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            backend = "nccl"
+        else:
+            compat.install()
+            backend = "gloo"
+        torch.distributed.init_process_group(backend, rank=rank, world_size=world_size)
+        from megatron_guided.megatron.worker import MegatronWorker
+
+        worker = MegatronWorker(spec)
+        conn.send((_DONE, None))
+    except BaseException:  # noqa: BLE001 - reported to the driver
+        conn.send((_ERROR, traceback.format_exc()))
+        return
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message is None:
+            break
+        method, args, kwargs = message
+        try:
+            result = getattr(worker, method)(*args, **kwargs)
+            if isinstance(result, types.GeneratorType):
+                for item in result:
+                    conn.send((_ITEM, item))
+                result = None
+            conn.send((_DONE, result))
+        except BaseException:  # noqa: BLE001
+            conn.send((_ERROR, traceback.format_exc()))
+    torch.distributed.destroy_process_group()
+
+
+class LocalWorkerGroup:
+    """`world_size` ranks on this machine, each running a `MegatronWorker(spec)`."""
+
+    def __init__(self, spec, *, world_size: int, master_port: int = 0, threads_per_rank: int = 0,
+                 start_timeout: float = 600.0):
+        ctx = mp.get_context("spawn")
+        port = master_port or free_port()
+        threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+        self.timeout = start_timeout
+        self.conns, self.procs = [], []
+        for rank in range(world_size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(rank, world_size, port, threads, spec, child),
+                               name=f"megatron-rank{rank}", daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        atexit.register(self.close)
+        self._collect(timeout=start_timeout, what="start-up")
+
+    @property
+    def world_size(self) -> int:
+        return len(self.procs)
+
+    def _receive(self, rank: int, timeout: float | None, what: str):
+        conn, proc = self.conns[rank], self.procs[rank]
+        waited = 0.0
+        while not conn.poll(1.0):
+            waited += 1.0
+            if not proc.is_alive():
+                self.close()
+                raise WorkerGroupError(f"Megatron rank {rank} died (exit code {proc.exitcode}) during {what}")
+            if timeout is not None and waited >= timeout:
+                self.close()
+                raise WorkerGroupError(f"Megatron rank {rank} gave no answer within {timeout:.0f} s during {what}")
+        try:
+            kind, payload = conn.recv()
+        except EOFError:
+            self.close()
+            raise WorkerGroupError(f"Megatron rank {rank} closed its pipe during {what}") from None
+        if kind == _ERROR:
+            self.close()
+            raise WorkerGroupError(f"Megatron rank {rank} failed during {what}:\n{payload}")
+        return kind, payload
+
+    def _collect(self, *, timeout: float | None, what: str, skip: set[int] = frozenset()) -> list[Any]:
+        results = []
+        for rank in range(self.world_size):
+            if rank in skip:
+                results.append(None)
+                continue
+            kind, payload = self._receive(rank, timeout, what)
+            while kind == _ITEM:  # a streamed result nobody asked to stream: drop the items
+                kind, payload = self._receive(rank, timeout, what)
+            results.append(payload)
+        return results
+
+    def _send(self, method: str, args: tuple, kwargs: dict) -> None:
+        if not self.procs:
+            raise WorkerGroupError("the Megatron worker group is closed")
+        for conn in self.conns:
+            conn.send((method, args, kwargs))
+
+    def call(self, method: str, *args, **kwargs) -> list[Any]:
+        """Run `worker.method(*args, **kwargs)` on every rank; their results, by rank."""
+        self._send(method, args, kwargs)
+        return self._collect(timeout=None, what=method)
+
+    def call_stream(self, method: str, *args, **kwargs) -> Iterator[Any]:
+        """Run a generator method on every rank; yield rank 0's items as they arrive."""
+        self._send(method, args, kwargs)
+        while True:
+            kind, payload = self._receive(0, None, method)
+            if kind != _ITEM:
+                break
+            yield payload
+        self._collect(timeout=None, what=method, skip={0})
+
+    def close(self) -> None:
+        """Stop every rank (politely, then by force); safe to call twice."""
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except (OSError, ValueError):
+                pass
+        for proc in self.procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        for conn in self.conns:
+            conn.close()
+        self.conns, self.procs = [], []

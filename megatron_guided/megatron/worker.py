@@ -1,0 +1,262 @@
+"""One Megatron-Core rank of the policy: its model chunks, DDP, optimizer and the GRPO update.
+
+Every rank of the world (TP × PP × CP × DP) runs one `MegatronWorker` and receives the *same* calls
+with the same whole batch; each takes its data-parallel share of the rows, cuts it into micro-batches
+by token budget, and runs Megatron's forward/backward schedule (1F1B, interleaved with VPP). Results
+(log-probs, metrics, weights) come back from the ranks that hold them; the driver side
+(:mod:`megatron_guided.train.megatron_backend`) knows which.
+
+Loss scaling. Megatron's schedule divides each micro-batch loss by the number of micro-batches M and
+DDP averages gradients over the DP ranks. The objective is already normalised over the whole
+mini-batch (`PolicyObjective`), so the loss handed to the schedule is `loss · M · DP`: the resulting
+gradient is Σ over all micro-batches on all ranks of ∇loss, exactly TorchBackend's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from megatron_guided.config import ActorConfig, AlgorithmConfig
+from megatron_guided.megatron import compat
+from megatron_guided.megatron.layout import ParallelLayout, check_layout
+from megatron_guided.megatron.model import (build_chunks, causal_mask, iter_hf_weights, load_hf_weights,
+                                            te_available, transformer_config)
+from megatron_guided.megatron.vocab_parallel import vocab_parallel_logprobs
+from megatron_guided.train.batch import TrainBatch, split_by_token_budget
+from megatron_guided.train.objective import STAT_NAMES, PolicyObjective, lr_factor, mini_batch_counts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class WorkerSpec:
+    """Everything a rank needs to build its share of the policy (picklable)."""
+
+    model_path: str
+    actor: ActorConfig
+    algorithm: AlgorithmConfig
+    temperature: float
+    num_mini_batches: int
+    total_optimizer_steps: int
+    max_response_length: int
+    seed: int = 1
+
+
+class MegatronWorker:
+    """Call only after `torch.distributed` is initialised (one process per rank)."""
+
+    def __init__(self, spec: WorkerSpec):
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from transformers import AutoConfig
+
+        self.spec, actor, mg = spec, spec.actor, spec.actor.megatron
+        self.layout = ParallelLayout.from_config(mg)
+        self.hf_config = AutoConfig.from_pretrained(spec.model_path)
+        self.gpu, self.use_te = torch.cuda.is_available(), te_available()
+        check_layout(self.hf_config, mg, gpu=self.gpu, te=self.use_te)
+        if torch.distributed.get_world_size() != self.layout.world_size:
+            raise RuntimeError(f"world size {torch.distributed.get_world_size()} != tp·pp·cp·dp = {self.layout.world_size}")
+        ps.initialize_model_parallel(self.layout.tp, self.layout.pp, self.layout.vpp,
+                                     context_parallel_size=self.layout.cp)
+        if self.gpu:
+            tensor_parallel.model_parallel_cuda_manual_seed(spec.seed)
+        else:
+            compat.seed_model_parallel_rng(spec.seed)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.gpu else torch.device("cpu")
+        dtype = getattr(torch, actor.model.dtype)
+        self.config = transformer_config(self.hf_config, self.layout, fp8=mg.fp8 or None, fp8_recipe=mg.fp8_recipe,
+                                         recompute=mg.recompute or None, params_dtype=dtype)
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        chunks = self._load_chunks()
+        self.ref_chunks = None
+        if spec.algorithm.kl_coef > 0:  # frozen copy: no grads, no optimizer state
+            self.ref_chunks = [c.eval().requires_grad_(False) for c in self._load_chunks()]
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=mg.use_distributed_optimizer)
+        self.model = [DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=c) for c in chunks]
+        optim = actor.optim
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.lr * optim.min_lr_ratio,
+                            weight_decay=optim.weight_decay, adam_beta1=optim.betas[0], adam_beta2=optim.betas[1],
+                            clip_grad=actor.max_grad_norm, use_distributed_optimizer=mg.use_distributed_optimizer,
+                            bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, params_dtype=dtype),
+            self.model)
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.objective = PolicyObjective(actor, spec.algorithm, max_response_length=spec.max_response_length)
+        self.optimizer_steps = 0
+        self.vocab_per_rank = chunks[-1].vocab_size // self.layout.tp
+
+    def _load_chunks(self) -> list[torch.nn.Module]:
+        chunks = build_chunks(self.hf_config, self.layout, self.config, use_te=self.use_te)
+        if self.gpu:
+            chunks = [c.cuda() for c in chunks]
+        load_hf_weights(chunks, self.spec.model_path, self.hf_config, self.layout, tp_rank=self.tp_rank,
+                        use_te=self.use_te)
+        return chunks
+
+    # -- who holds what --------------------------------------------------------------------
+    def role(self) -> dict[str, int | bool]:
+        from megatron.core import parallel_state as ps
+
+        return {"tp": self.tp_rank, "pp": ps.get_pipeline_model_parallel_rank(),
+                "dp": ps.get_data_parallel_rank(), "last_stage": ps.is_pipeline_last_stage()}
+
+    def _dp_rows(self, batch: TrainBatch) -> list[int]:
+        """This DP rank's rows: lengths sorted, dealt round-robin so ranks get similar token counts."""
+        from megatron.core import parallel_state as ps
+
+        order = sorted(range(batch.size), key=lambda i: -int(batch.seq_lens[i]))
+        return order[ps.get_data_parallel_rank()::ps.get_data_parallel_world_size()]
+
+    def _micro_batches(self, batch: TrainBatch, rows: list[int], *, for_update: bool) -> list[list[int]]:
+        actor = self.spec.actor
+        budget = actor.megatron.max_tokens_per_micro_batch or actor.max_token_len_per_micro_batch
+        max_rows = (actor.micro_batch_size_per_device_for_update if for_update
+                    else actor.micro_batch_size_per_device_for_experience)
+        lengths = [int(batch.seq_lens[r]) for r in rows]
+        return [[rows[i] for i in group] for group in split_by_token_budget(lengths, max_tokens=budget, max_rows=max_rows)]
+
+    # -- the schedule ----------------------------------------------------------------------
+    def _token_logprobs(self, logits: Tensor, mb: TrainBatch) -> tuple[Tensor, Tensor]:
+        from megatron.core import parallel_state as ps
+
+        return vocab_parallel_logprobs(logits[:, :-1], mb.input_ids[:, 1:].to(logits.device),
+                                       temperature=self.spec.temperature,
+                                       vocab_start=self.tp_rank * self.vocab_per_rank,
+                                       vocab_size=self.hf_config.vocab_size,
+                                       group=ps.get_tensor_model_parallel_group())
+
+    def _run_schedule(self, chunks: list[torch.nn.Module], micro: list[TrainBatch], loss_fn, *,
+                      forward_only: bool) -> list[Any]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            ids = mb.input_ids.to(self.device)
+            length = ids.shape[1]
+            output = model(input_ids=ids, position_ids=torch.arange(length, device=self.device)[None].expand_as(ids),
+                           attention_mask=causal_mask(length).to(self.device))
+            return output, partial(loss_fn, mb)
+
+        iterators = [iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro)
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iterators, model=chunks, num_microbatches=len(micro),
+            seq_length=max(mb.input_ids.shape[1] for mb in micro), micro_batch_size=max(mb.size for mb in micro),
+            forward_only=forward_only)
+
+    # -- the TrainBackend calls ------------------------------------------------------------
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch, reference: bool = False) -> dict[str, Tensor] | None:
+        """{rows, logp} for this DP rank's rows, on the last stage's TP rank 0; None elsewhere."""
+        chunks = self.ref_chunks if reference else self.model
+        for chunk in chunks:
+            chunk.eval()
+        groups = self._micro_batches(batch, self._dp_rows(batch), for_update=False)
+        micro = [batch.select(g) for g in groups]
+
+        def loss_fn(mb: TrainBatch, logits: Tensor):
+            logp, _ = self._token_logprobs(logits, mb)
+            return logp.sum() * 0, {"logp": logp.cpu()}
+
+        outputs = self._run_schedule(chunks, micro, loss_fn, forward_only=True)
+        if not outputs or self.tp_rank != 0:
+            return None
+        out = torch.zeros(batch.size, batch.loss_mask.shape[1])
+        for rows, result in zip(groups, outputs):
+            logp = result["logp"]
+            out[torch.as_tensor(rows), : logp.shape[1]] = logp
+        rows = [r for g in groups for r in g]
+        return {"rows": torch.as_tensor(rows), "logp": out[torch.as_tensor(rows)]}
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float] | None:
+        """ppo_epochs × mini-batches optimizer steps; mean metrics on the last stage's TP rank 0
+        of DP rank 0 (None elsewhere)."""
+        from megatron.core import parallel_state as ps
+
+        for chunk in self.model:
+            chunk.train()
+        history: list[dict[str, float]] = []
+        rows = torch.arange(batch.size)
+        for _ in range(self.spec.actor.ppo_epochs):
+            for mini_rows in torch.tensor_split(rows, self.spec.num_mini_batches):
+                if len(mini_rows):
+                    history.append(self._optimizer_step(batch.select(mini_rows, trim=False)))
+        for chunk in self.model:
+            chunk.eval()
+        if not (ps.is_pipeline_last_stage() and self.tp_rank == 0 and ps.get_data_parallel_rank() == 0):
+            return None
+        return {name: sum(h[name] for h in history) / len(history) for name in history[0]}
+
+    def _set_lr(self) -> float:
+        """The schedule of `lr_factor` (shared with TorchBackend), with Megatron's per-group
+        lr_mult / wd_mult (no weight decay on biases and norms)."""
+        optim = self.spec.actor.optim
+        lr = optim.lr * lr_factor(self.optimizer_steps, optim, self.spec.total_optimizer_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = optim.weight_decay * group.get("wd_mult", 1.0)
+        return lr
+
+    def _optimizer_step(self, mini: TrainBatch) -> dict[str, float]:
+        from megatron.core import parallel_state as ps
+
+        global_tokens, global_seqs = mini_batch_counts(mini)
+        groups = self._micro_batches(mini, self._dp_rows(mini), for_update=True)
+        micro = [mini.select(g) for g in groups]
+        scale = len(micro) * ps.get_data_parallel_world_size()
+        stats = dict.fromkeys(STAT_NAMES, 0.0)
+
+        def loss_fn(mb: TrainBatch, logits: Tensor):
+            logp, entropy = self._token_logprobs(logits, mb)
+            loss, mb_stats = self.objective(logp, entropy.detach(), mb.to(logits.device),
+                                            global_tokens=global_tokens, global_seqs=global_seqs)
+            for name, value in mb_stats.items():
+                stats[name] += value
+            return loss * scale, {}
+
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        lr = self._set_lr()
+        self._run_schedule(self.model, micro, loss_fn, forward_only=False)
+        _, grad_norm, _ = self.optimizer.step()
+        self.optimizer_steps += 1
+        if ps.is_pipeline_last_stage() and ps.get_data_parallel_world_size() > 1:
+            summed = torch.tensor([stats[n] for n in STAT_NAMES], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(summed, group=ps.get_data_parallel_group())
+            stats = dict(zip(STAT_NAMES, summed.tolist()))
+        return {**stats, "grad_norm": float(grad_norm if grad_norm is not None else float("nan")), "lr": lr}
+
+    def export_weights(self) -> Iterator[dict[str, Tensor]]:
+        """Buckets of full HF-named tensors on the first stage's TP rank 0 (collective)."""
+        chunks = [c.module for c in self.model]
+        for bucket in iter_hf_weights(chunks, self.hf_config, self.layout, use_te=self.use_te):
+            yield {name: t.cpu() for name, t in bucket.items()}
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, path: str) -> None:
+        from megatron_guided.megatron.checkpoint import save_training_state
+
+        save_training_state(Path(path), [c.module for c in self.model], self.optimizer,
+                            {"optimizer_steps": self.optimizer_steps}, layout=self.layout,
+                            distributed_optimizer=self.spec.actor.megatron.use_distributed_optimizer)
+
+    def load_checkpoint(self, path: str) -> None:
+        from megatron_guided.megatron.checkpoint import load_training_state
+
+        extra = load_training_state(Path(path), [c.module for c in self.model], self.optimizer,
+                                    layout=self.layout, distributed_optimizer=self.spec.actor.megatron.use_distributed_optimizer)
+        self.optimizer_steps = int(extra["optimizer_steps"])
