@@ -20,6 +20,7 @@ import torch
 
 from megatron_guided.megatron.layout import ParallelLayout
 
+
 MODEL_DIR = "dist_ckpt"
 LAYOUT_FILE = "layout.json"
 
@@ -87,3 +88,19 @@ def load_training_state(path: Path, chunks: list[torch.nn.Module], optimizer, *,
             chunk.load_state_dict(loaded[f"model{i}"])
     optimizer.load_state_dict(loaded["optimizer"])
     return loaded["extra"]
+
+
+def is_megatron_model_dir(path: str | Path) -> bool:
+    return (Path(path) / MODEL_DIR).is_dir()
+
+
+@torch.no_grad()
+def load_model_weights(path: str | Path, chunks: list[torch.nn.Module]) -> None:
+    """Model weights only, from `path/dist_ckpt` (a converted model or a training checkpoint), at this
+    run's TP/PP whatever they were when saved. Collective."""
+    from megatron.core import dist_checkpointing
+
+    state = model_sharded_state_dict(chunks)
+    loaded = dist_checkpointing.load(state, str(Path(path) / MODEL_DIR))
+    for key, chunk in zip(state, chunks):
+        chunk.load_state_dict(loaded[key])

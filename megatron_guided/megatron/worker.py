@@ -26,6 +26,8 @@ from torch import Tensor
 
 from megatron_guided.config import ActorConfig, AlgorithmConfig
 from megatron_guided.megatron import compat
+from megatron_guided.megatron.checkpoint import (is_megatron_model_dir, load_model_weights, load_training_state,
+                                                 save_training_state)
 from megatron_guided.megatron.layout import ParallelLayout, check_layout
 from megatron_guided.megatron.model import (build_chunks, causal_mask, iter_hf_weights, load_hf_weights,
                                             te_available, transformer_config)
@@ -103,8 +105,11 @@ class MegatronWorker:
         chunks = build_chunks(self.hf_config, self.layout, self.config, use_te=self.use_te)
         if self.gpu:
             chunks = [c.cuda() for c in chunks]
-        load_hf_weights(chunks, self.spec.model_path, self.hf_config, self.layout, tp_rank=self.tp_rank,
-                        use_te=self.use_te)
+        if is_megatron_model_dir(self.spec.model_path):
+            load_model_weights(self.spec.model_path, chunks)
+        else:
+            load_hf_weights(chunks, self.spec.model_path, self.hf_config, self.layout, tp_rank=self.tp_rank,
+                            use_te=self.use_te)
         return chunks
 
     # -- who holds what --------------------------------------------------------------------
@@ -248,15 +253,11 @@ class MegatronWorker:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, path: str) -> None:
-        from megatron_guided.megatron.checkpoint import save_training_state
-
         save_training_state(Path(path), [c.module for c in self.model], self.optimizer,
                             {"optimizer_steps": self.optimizer_steps}, layout=self.layout,
                             distributed_optimizer=self.spec.actor.megatron.use_distributed_optimizer)
 
     def load_checkpoint(self, path: str) -> None:
-        from megatron_guided.megatron.checkpoint import load_training_state
-
         extra = load_training_state(Path(path), [c.module for c in self.model], self.optimizer,
                                     layout=self.layout, distributed_optimizer=self.spec.actor.megatron.use_distributed_optimizer)
         self.optimizer_steps = int(extra["optimizer_steps"])
