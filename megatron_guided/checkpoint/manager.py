@@ -4,7 +4,9 @@ Layout under the checkpoint root::
 
     global_step_12/            one complete checkpoint
         huggingface/           the policy as an HF folder (config, model.safetensors, tokenizer)
-        trainer_state.pt       optimizer, scheduler, RNG states, data position, step
+        optimizer.pt           TorchBackend: optimizer and scheduler
+        dist_ckpt/, layout.json  MegatronBackend: model + optimizer in dist_checkpointing format
+        trainer_state.pt       RNG states, data position, step
     latest                     text file naming the newest complete checkpoint
 
 A checkpoint is written into a hidden temp folder, fsynced, then renamed into place, and only
@@ -18,6 +20,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,17 +94,16 @@ class CheckpointManager:
         steps = self.step_dirs()
         return steps[-1][1] if steps else None
 
-    def save(self, step: int, *, model, tokenizer, trainer_state: dict[str, Any]) -> Path:
-        """Write checkpoint `step` atomically; returns its folder."""
+    def save(self, step: int, *, write: Callable[[Path], None], trainer_state: dict[str, Any]) -> Path:
+        """Write checkpoint `step` atomically: `write(folder)` fills a temporary folder (the backend's
+        weights and optimizer), then the trainer state is added and the folder published."""
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob(f"{TMP_PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         final = self.root / f"global_step_{step}"
         tmp = self.root / f"{TMP_PREFIX}global_step_{step}"
-        hf_dir = tmp / "huggingface"
-        model.save_pretrained(hf_dir, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(hf_dir)
+        tmp.mkdir()
+        write(tmp)
         torch.save(trainer_state, tmp / "trainer_state.pt")
         publish_dir(tmp, final)
         _atomic_write_text(self.root / "latest", final.name)

@@ -17,11 +17,15 @@ The Ray worker group (scale-out) implements the same `call` / `call_stream` / `c
 from __future__ import annotations
 
 import atexit
+import ctypes
 import multiprocessing as mp
 import os
+import signal
 import socket
+import sys
 import traceback
 import types
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,8 +42,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this rank when the trainer process dies, however it dies. (Ranks are
+    not daemonic processes: dist_checkpointing starts helper processes, which daemons may not.)"""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _quiet_known_warnings() -> None:
+    """megatron-core warns at import about every optional GPU package it falls back from (TE, Apex) and
+    torch about its own deprecated collectives megatron calls; on CPU those say nothing new."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core")
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
+
+
 def _serve(rank: int, world_size: int, port: int, threads: int, spec, conn) -> None:
     """Body of one rank's process."""
+    _die_with_parent()
+    _quiet_known_warnings()
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -95,7 +117,7 @@ class LocalWorkerGroup:
         for rank in range(world_size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_serve, args=(rank, world_size, port, threads, spec, child),
-                               name=f"megatron-rank{rank}", daemon=True)
+                               name=f"megatron-rank{rank}")
             proc.start()
             child.close()
             self.conns.append(parent)

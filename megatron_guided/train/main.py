@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 import logging
 import sys
+from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from megatron_guided.config import Config, ConfigError, VerifierConfig, load_config
 from megatron_guided.data.dataset import build_prompt_dataset
@@ -16,6 +17,7 @@ from megatron_guided.reward.function import RewardManager
 from megatron_guided.rollout.batcher import AsyncBatchGenerator
 from megatron_guided.rollout.guided import ChatDelta, GuidedRollout
 from megatron_guided.rollout.hf_engine import HFEngine
+from megatron_guided.train.backend import TrainBackend
 from megatron_guided.train.torch_backend import TorchBackend
 from megatron_guided.verifier.base import Verifier
 from megatron_guided.verifier.function import FunctionVerifier
@@ -30,33 +32,61 @@ def build_trainer(cfg: Config) -> Trainer:
     torch.manual_seed(cfg.trainer.seed)
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
-    if cfg.worker.actor.backend != "torch" or cfg.worker.rollout.name != "hf":
-        raise ConfigError("worker.actor.backend=torch and worker.rollout.name=hf are what this build runs; "
-                          "the megatron backend and the sglang engine are not available yet")
+    if cfg.worker.rollout.name != "hf":
+        raise ConfigError("worker.rollout.name=hf is what this build runs; the sglang engine is not available yet")
     model_cfg = cfg.worker.actor.model
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer_path or model_cfg.model_path,
                                               trust_remote_code=model_cfg.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_cfg.model_path, dtype=getattr(torch, model_cfg.dtype),
-        attn_implementation=model_cfg.attn_implementation, trust_remote_code=model_cfg.trust_remote_code)
+    model = load_policy(cfg)
     train_data = build_prompt_dataset(cfg.data.train_files, cfg.data, tokenizer)
     val_data = build_prompt_dataset(cfg.data.val_files, cfg.data, tokenizer) if cfg.data.val_files else None
     if val_data is not None and cfg.data.val_max_samples > 0:
         val_data = [val_data[i] for i in range(min(cfg.data.val_max_samples, len(val_data)))]
-    engine = HFEngine(copy.deepcopy(model).eval(), eos_token_ids=_eos_ids(model, tokenizer),
+    megatron = cfg.worker.actor.strategy == "megatron"  # the ranks train their own copy: the engine takes this one
+    engine = HFEngine((model if megatron else copy.deepcopy(model)).eval(), eos_token_ids=_eos_ids(model, tokenizer),
                       pad_token_id=tokenizer.pad_token_id, decode=tokenizer.decode,
                       max_batch_tokens=cfg.worker.rollout.max_num_batched_tokens, seed=cfg.worker.rollout.seed)
     total_steps = planned_steps(cfg, len(train_data))
     num_mini = cfg.data.rollout_batch_size // cfg.worker.actor.global_batch_size
-    backend = TorchBackend(model, actor=cfg.worker.actor, algorithm=cfg.algorithm,
-                           temperature=cfg.worker.rollout.temperature, num_mini_batches=num_mini,
-                           total_optimizer_steps=total_steps * num_mini * cfg.worker.actor.ppo_epochs,
-                           max_response_length=cfg.data.max_response_length)
+    backend = build_backend(cfg, model, num_mini_batches=num_mini,
+                            total_optimizer_steps=total_steps * num_mini * cfg.worker.actor.ppo_epochs)
+    if megatron and not has_hf_weights(model_cfg.model_path):  # a converted Megatron folder: weights from the ranks
+        engine.update_weights(backend.export_weights())
     reward = RewardManager(cfg.worker.reward.reward_function, reward_type=cfg.worker.reward.reward_type,
                            kwargs=cfg.worker.reward.reward_function_kwargs)
     guided = build_guided_rollout(cfg, engine, tokenizer) if cfg.worker.rollout.verifier.enable else None
     return Trainer(cfg, tokenizer=tokenizer, backend=backend, engine=engine, train_data=train_data,
                    val_data=val_data, reward=reward, guided=guided)
+
+
+def has_hf_weights(path: str) -> bool:
+    return any(Path(path).glob("*.safetensors")) or not Path(path).is_dir()
+
+
+def load_policy(cfg: Config) -> torch.nn.Module:
+    """The HF policy from model_path; for a weight-less folder (a converted Megatron checkpoint: config +
+    dist_ckpt/) the architecture only, to be filled from the Megatron ranks."""
+    model_cfg = cfg.worker.actor.model
+    kwargs = dict(dtype=getattr(torch, model_cfg.dtype), attn_implementation=model_cfg.attn_implementation,
+                  trust_remote_code=model_cfg.trust_remote_code)
+    if has_hf_weights(model_cfg.model_path):
+        return AutoModelForCausalLM.from_pretrained(model_cfg.model_path, **kwargs)
+    config = AutoConfig.from_pretrained(model_cfg.model_path, trust_remote_code=model_cfg.trust_remote_code)
+    return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def build_backend(cfg: Config, model: torch.nn.Module, *, num_mini_batches: int,
+                  total_optimizer_steps: int) -> TrainBackend:
+    """worker.actor.strategy: torch (trains `model` here) | megatron (ranks load model_path themselves)."""
+    actor = cfg.worker.actor
+    common = dict(actor=actor, algorithm=cfg.algorithm, temperature=cfg.worker.rollout.temperature,
+                  num_mini_batches=num_mini_batches, total_optimizer_steps=total_optimizer_steps,
+                  max_response_length=cfg.data.max_response_length)
+    if actor.strategy == "megatron":
+        from megatron_guided.train.megatron_backend import MegatronBackend
+
+        return MegatronBackend(model_path=actor.model.model_path, seed=cfg.trainer.seed, **common)
+    return TorchBackend(model, **common)
 
 
 def build_verifier(cfg: VerifierConfig) -> Verifier:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -74,9 +73,6 @@ class MegatronBackend:
 
     def load_checkpoint(self, path: Path) -> None:
         self.group.call("load_checkpoint", str(path))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}  # the ranks keep their optimizer state in dist_ckpt/
 
     def close(self) -> None:
         self.group.close()

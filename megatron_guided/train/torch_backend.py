@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor
 
 from megatron_guided.config import ActorConfig, AlgorithmConfig, OptimConfig
@@ -157,9 +158,21 @@ class TorchBackend:
         """HF-named tensors for the generation engine (tied weights appear once)."""
         yield from self.model.state_dict().items()
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+    def save_checkpoint(self, folder: Path) -> None:
+        """`huggingface/` (the policy) and `optimizer.pt` (optimizer + scheduler) under `folder`."""
+        self.model.save_pretrained(folder / "huggingface", safe_serialization=True)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   folder / "optimizer.pt")
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def close(self) -> None:
+        pass
+
+    def load_checkpoint(self, folder: Path) -> None:
+        weights = load_file(str(folder / "huggingface" / "model.safetensors"))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing}, "
+                               f"unexpected {unexpected}")
+        state = torch.load(folder / "optimizer.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

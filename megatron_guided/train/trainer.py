@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from megatron_guided.algo.advantages import OUTCOME_ADVANTAGE_ESTIMATORS, place_outcome_reward
@@ -32,13 +31,13 @@ from megatron_guided.rollout.guided import GuidedRollout, hallucination_score
 from megatron_guided.rollout.plain import plain_rollout
 from megatron_guided.rollout.trajectory import Trajectory
 from megatron_guided.train.batch import TrainBatch, build_train_batch
-from megatron_guided.train.torch_backend import TorchBackend
+from megatron_guided.train.backend import TrainBackend
 
 log = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, tokenizer, backend: TorchBackend, engine: GenerationEngine,
+    def __init__(self, cfg: Config, *, tokenizer, backend: TrainBackend, engine: GenerationEngine,
                  train_data: PromptDataset, val_data: PromptDataset | None, reward: RewardManager,
                  guided: GuidedRollout | None = None):
         self.cfg = cfg
@@ -184,6 +183,7 @@ class Trainer:
     def close(self) -> None:
         if self.guided is not None:
             self.guided.close()
+        self.backend.close()
 
     def train_one_step(self) -> dict[str, float]:
         self.timings = {}
@@ -248,10 +248,13 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": capture_rng_state(),
-                 "backend": self.backend.state_dict()}
-        path = self.checkpoints.save(self.step, model=self.backend.model, tokenizer=self.tokenizer,
-                                     trainer_state=state)
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": capture_rng_state()}
+
+        def write(folder: Path) -> None:
+            self.backend.save_checkpoint(folder)
+            self.tokenizer.save_pretrained(folder / "huggingface")
+
+        path = self.checkpoints.save(self.step, write=write, trainer_state=state)
         log.info("saved checkpoint %s", path)
         return path
 
@@ -262,11 +265,7 @@ class Trainer:
         if path is None:
             return
         state = CheckpointManager.load_trainer_state(path)
-        weights = load_file(str(path / "huggingface" / "model.safetensors"))
-        missing, unexpected = self.backend.model.load_state_dict(weights, strict=False)
-        if unexpected or [k for k in missing if "lm_head" not in k]:
-            raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
-        self.backend.load_state_dict(state["backend"])
+        self.backend.load_checkpoint(path)
         self.sampler.load_state_dict(state["sampler"])
         restore_rng_state(state["rng"])
         self.step = state["step"]
