@@ -18,6 +18,12 @@ assumptions are met. Each item was found by a run that fails without it:
    expert: seed + 1024 + 100·ep_rank + etp_rank) by :func:`seed_model_parallel_rng`.
 5. Without an attention mask, the local attention builds a causal mask on "cuda" → callers always
    pass an explicit bool mask (``True`` = masked); see :func:`megatron_guided.megatron.model.causal_mask`.
+6. Batched p2p (``batch_isend_irecv``) on gloo mixes up messages when two stages are each other's
+   previous and next stage (PP=2 with the interleaved schedule: activations and gradients of the
+   same shape cross in both directions) → ``batch_p2p_comm=False`` (megatron's ordered even/odd
+   send/recv) on CPU; the grad norm was 24× off without it. And the interleaved schedule deadlocks
+   exchanging shapes with ``variable_seq_lengths`` → with VPP the worker pads its micro-batches
+   to one shape instead (items 5-6 are set in :func:`megatron_guided.megatron.model.transformer_config`).
 
 Not bent here, refused by config validation instead: ``sequence_parallel`` (needs TE/Apex norms),
 context parallelism and THD packing (need TE attention), FP8 (needs TE and Hopper).

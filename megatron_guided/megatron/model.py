@@ -110,9 +110,12 @@ def transformer_config(hf_config, layout: ParallelLayout, *, fp8: str | None = N
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
-        variable_seq_lengths=True,  # token-budget micro-batches differ in rows and length
+        # token-budget micro-batches differ in rows and length; the interleaved (VPP) schedule cannot
+        # exchange shapes (it deadlocks), so the worker pads its micro-batches to one shape instead
+        variable_seq_lengths=layout.vpp is None,
         moe_token_dispatcher_type="alltoall",  # dense models; the default (allgather) refuses variable lengths
         batch_p2p_sync=on_gpu,  # CPU: no torch.cuda.synchronize between p2p ops (compat item 3)
+        batch_p2p_comm=on_gpu,  # CPU: ordered p2p ops (compat item 6)
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,

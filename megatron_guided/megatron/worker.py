@@ -14,6 +14,7 @@ gradient is Σ over all micro-batches on all ranks of ∇loss, exactly TorchBack
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,6 +51,23 @@ class WorkerSpec:
     total_optimizer_steps: int
     max_response_length: int
     seed: int = 1
+
+
+def pad_micro_batch(mb: TrainBatch, *, rows: int, length: int) -> TrainBatch:
+    """`mb` grown to `rows` × `length`: extra rows repeat row 0 and extra columns are padding, all with
+    loss mask 0, so they change no loss and no gradient."""
+    extra_rows, extra_cols = rows - mb.size, length - mb.input_ids.shape[1]
+    fields = {}
+    for f in dataclasses.fields(mb):
+        value = getattr(mb, f.name)
+        if value is None:
+            fields[f.name] = None
+            continue
+        value = torch.cat([value, value[:1].expand(extra_rows, -1)]) if extra_rows else value
+        fields[f.name] = torch.nn.functional.pad(value, (0, extra_cols)) if extra_cols else value
+    padded = TrainBatch(**fields)
+    padded.loss_mask[mb.size:] = 0
+    return padded
 
 
 class MegatronWorker:
@@ -132,7 +150,33 @@ class MegatronWorker:
         max_rows = (actor.micro_batch_size_per_device_for_update if for_update
                     else actor.micro_batch_size_per_device_for_experience)
         lengths = [int(batch.seq_lens[r]) for r in rows]
-        return [[rows[i] for i in group] for group in split_by_token_budget(lengths, max_tokens=budget, max_rows=max_rows)]
+        groups = [[rows[i] for i in group] for group in split_by_token_budget(lengths, max_tokens=budget,
+                                                                               max_rows=max_rows)]
+        return self._fit_interleaved_schedule(groups)
+
+    def _fit_interleaved_schedule(self, groups: list[list[int]]) -> list[list[int]]:
+        """The interleaved (VPP) schedule runs micro-batches in groups of pp: it needs their number to be
+        a multiple of pp. Split the largest micro-batches until it is; where single rows are left, repeat
+        one as a masked-out filler (`_select` zeroes its loss mask; its logprobs are dropped)."""
+        pp = self.layout.pp
+        if not self.layout.vpp or len(groups) % pp == 0:
+            return groups
+        groups = sorted(groups, key=len, reverse=True)
+        while len(groups) % pp and len(groups[0]) > 1:
+            largest = groups.pop(0)
+            groups += [largest[: len(largest) // 2], largest[len(largest) // 2:]]
+            groups.sort(key=len, reverse=True)
+        while len(groups) % pp:
+            groups.append([-1 - groups[-1][0]])  # filler: row r encoded as -1 - r
+        return groups
+
+    @staticmethod
+    def _select(batch: TrainBatch, group: list[int]) -> TrainBatch:
+        if group[0] >= 0:
+            return batch.select(group)
+        filler = batch.select([-1 - group[0]])
+        filler.loss_mask = torch.zeros_like(filler.loss_mask)
+        return filler
 
     # -- the schedule ----------------------------------------------------------------------
     def _token_logprobs(self, logits: Tensor, mb: TrainBatch) -> tuple[Tensor, Tensor]:
@@ -156,6 +200,9 @@ class MegatronWorker:
                            attention_mask=causal_mask(length).to(self.device))
             return output, partial(loss_fn, mb)
 
+        if self.layout.vpp:  # the interleaved schedule needs one tensor shape for all micro-batches
+            rows, length = max(mb.size for mb in micro), max(mb.input_ids.shape[1] for mb in micro)
+            micro = [pad_micro_batch(mb, rows=rows, length=length) for mb in micro]
         iterators = [iter(micro) for _ in chunks] if len(chunks) > 1 else iter(micro)
         return get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iterators, model=chunks, num_microbatches=len(micro),
@@ -170,7 +217,7 @@ class MegatronWorker:
         for chunk in chunks:
             chunk.eval()
         groups = self._micro_batches(batch, self._dp_rows(batch), for_update=False)
-        micro = [batch.select(g) for g in groups]
+        micro = [self._select(batch, g) for g in groups]
 
         def loss_fn(mb: TrainBatch, logits: Tensor):
             logp, _ = self._token_logprobs(logits, mb)
@@ -180,8 +227,9 @@ class MegatronWorker:
         if not outputs or self.tp_rank != 0:
             return None
         out = torch.zeros(batch.size, batch.loss_mask.shape[1])
+        groups, outputs = zip(*[(g, o) for g, o in zip(groups, outputs) if g[0] >= 0])  # drop fillers
         for rows, result in zip(groups, outputs):
-            logp = result["logp"]
+            logp = result["logp"][: len(rows)]  # (VPP pads micro-batches with masked rows)
             out[torch.as_tensor(rows), : logp.shape[1]] = logp
         rows = [r for g in groups for r in g]
         return {"rows": torch.as_tensor(rows), "logp": out[torch.as_tensor(rows)]}
@@ -220,7 +268,7 @@ class MegatronWorker:
 
         global_tokens, global_seqs = mini_batch_counts(mini)
         groups = self._micro_batches(mini, self._dp_rows(mini), for_update=True)
-        micro = [mini.select(g) for g in groups]
+        micro = [self._select(mini, g) for g in groups]
         scale = len(micro) * ps.get_data_parallel_world_size()
         stats = dict.fromkeys(STAT_NAMES, 0.0)
 

@@ -57,12 +57,14 @@ def actor_config(**megatron) -> ActorConfig:
 
 
 
-@pytest.mark.parametrize("layout", [{}, {"tp": 2}, {"pp": 2}], ids=["tp1", "tp2", "pp2"])
-def test_update_matches_torch_backend(random_qwen2_dir, layout):
+@pytest.mark.parametrize("layout, kl", [({}, False), ({"tp": 2}, False), ({"pp": 2}, True)],
+                         ids=["tp1", "tp2", "pp2-kl"])
+def test_update_matches_torch_backend(random_qwen2_dir, layout, kl):
+    """With `kl` the reference model's logprobs (a frozen copy on the ranks) and the KL loss join in."""
     model = AutoModelForCausalLM.from_pretrained(random_qwen2_dir, dtype=torch.float32).eval()
     vocab = model.config.vocab_size
     batch = make_batch(vocab)
-    algorithm = AlgorithmConfig(kl_coef=0.0)
+    algorithm = AlgorithmConfig(kl_coef=0.5 if kl else 0.0, use_kl_loss=kl, kl_penalty="k3")
     kwargs = dict(algorithm=algorithm, temperature=TEMPERATURE, num_mini_batches=1, total_optimizer_steps=4,
                   max_response_length=16)
 
@@ -71,6 +73,11 @@ def test_update_matches_torch_backend(random_qwen2_dir, layout):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     hf_logp, _ = token_logprobs(logits, batch.input_ids, temperature=TEMPERATURE)
     torch_backend = TorchBackend(copy.deepcopy(model), actor=actor_config(), **kwargs)
+    if kl:  # a reference that differs from the policy, so the KL term has a gradient
+        with torch.no_grad():
+            for p in torch_backend.ref_model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        batch.ref_logprobs = torch_backend.compute_logprobs(batch, reference=True)
     torch_metrics = torch_backend.train_step(batch)
     torch_weights = dict(torch_backend.export_weights())
 
@@ -79,9 +86,12 @@ def test_update_matches_torch_backend(random_qwen2_dir, layout):
         logp = backend.compute_logprobs(batch)
         mask = batch.loss_mask.bool()
         assert (logp[mask] - hf_logp[mask]).abs().max() < TOL
+        if kl:  # the ranks' frozen copy is the initial policy
+            assert (backend.compute_logprobs(batch, reference=True)[mask] - hf_logp[mask]).abs().max() < TOL
         metrics = backend.train_step(batch)
-        for name in ("loss", "grad_norm", "entropy", "clipfrac", "lr"):
+        for name in ("loss", "kl_loss", "grad_norm", "entropy", "clipfrac", "lr"):
             assert metrics[name] == pytest.approx(torch_metrics[name], abs=TOL), name
+        assert (torch_metrics["kl_loss"] > 1e-4) is kl
         weights = dict(backend.export_weights())
     finally:
         backend.close()
@@ -125,3 +135,96 @@ def test_resume_at_another_layout_continues_exactly(random_qwen2_dir, tmp_path, 
         assert metrics[name] == pytest.approx(expected[name], abs=TOL), name
     for name, tensor in weights.items():
         assert (tensor - expected_weights[name]).abs().max() < TOL, name
+
+
+def save_random(kind: str, out):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, initializer_range=0.2)
+    if kind == "qwen3":  # q/k RMSNorm, head_dim 32 != hidden / heads
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=32, tie_word_embeddings=True, **common))
+    else:  # untied embeddings, another rope base
+        model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, rope_theta=5e5, **common))
+    model.save_pretrained(out)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind, layout", [("qwen3", {"tp": 2}), ("llama", {"pp": 2})], ids=["qwen3-tp2", "llama-pp2"])
+def test_logprobs_match_hf_for_each_family(tmp_path, kind, layout):
+    model = save_random(kind, tmp_path)
+    batch = make_batch(64)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    hf_logp, _ = token_logprobs(logits, batch.input_ids, temperature=TEMPERATURE)
+    backend = MegatronBackend(model_path=str(tmp_path), actor=actor_config(**layout),
+                              algorithm=AlgorithmConfig(kl_coef=0.0), temperature=TEMPERATURE, num_mini_batches=1,
+                              total_optimizer_steps=1, max_response_length=16)
+    try:
+        logp = backend.compute_logprobs(batch)
+        weights = dict(backend.export_weights())
+    finally:
+        backend.close()
+    mask = batch.loss_mask.bool()
+    assert (logp[mask] - hf_logp[mask]).abs().max() < TOL
+    state = model.state_dict()
+    assert weights.keys() == state.keys() - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    assert all(torch.equal(weights[n], state[n]) for n in weights)  # export is the exact inverse of the load
+
+
+def test_interleaved_pipeline_matches_torch_backend(tiny_model_dir):
+    """PP=2 with 2 virtual stages per rank (4 layers: one per chunk), four micro-batches of different
+    shapes (padded to one for the interleaved schedule)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    batch = make_batch(model.config.vocab_size)
+    kwargs = dict(algorithm=AlgorithmConfig(), temperature=TEMPERATURE, num_mini_batches=1, total_optimizer_steps=4,
+                  max_response_length=16)
+    torch_backend = TorchBackend(copy.deepcopy(model), actor=actor_config(), **kwargs)
+    expected = torch_backend.train_step(batch)
+    expected_weights = dict(torch_backend.export_weights())
+    backend = MegatronBackend(model_path=str(tiny_model_dir), actor=actor_config(pp=2, vpp=2), **kwargs)
+    try:
+        metrics = backend.train_step(batch)
+        weights = dict(backend.export_weights())
+    finally:
+        backend.close()
+    for name in ("loss", "grad_norm", "entropy"):
+        assert metrics[name] == pytest.approx(expected[name], abs=TOL), name
+    for name, tensor in weights.items():
+        assert (tensor - expected_weights[name]).abs().max() < TOL, name
+
+
+def test_data_parallel_distributed_optimizer(random_qwen2_dir, tmp_path):
+    """DP=2 with the distributed optimizer (ZeRO-1): the same update as one process; its checkpoint
+    reshards over DP only, and resuming it at another TP is refused with the fix in the message."""
+    from megatron_guided.megatron.launcher import WorkerGroupError
+
+    model = AutoModelForCausalLM.from_pretrained(random_qwen2_dir, dtype=torch.float32).eval()
+    batch = make_batch(64)
+    kwargs = dict(algorithm=AlgorithmConfig(), temperature=TEMPERATURE, num_mini_batches=1, total_optimizer_steps=4,
+                  max_response_length=16)
+    torch_backend = TorchBackend(copy.deepcopy(model), actor=actor_config(), **kwargs)
+    expected = torch_backend.train_step(batch)
+    expected_weights = dict(torch_backend.export_weights())
+    actor = actor_config(dp=2)
+    actor.megatron.use_distributed_optimizer = True
+    backend = MegatronBackend(model_path=str(random_qwen2_dir), actor=actor, **kwargs)
+    try:
+        metrics = backend.train_step(batch)
+        weights = dict(backend.export_weights())
+        backend.save_checkpoint(tmp_path)
+    finally:
+        backend.close()
+    for name in ("loss", "grad_norm", "entropy", "clipfrac"):
+        assert metrics[name] == pytest.approx(expected[name], abs=TOL), name
+    for name, tensor in weights.items():
+        assert (tensor - expected_weights[name]).abs().max() < TOL, name
+    actor = actor_config(tp=2)
+    actor.megatron.use_distributed_optimizer = True
+    resumed = MegatronBackend(model_path=str(random_qwen2_dir), actor=actor, **kwargs)
+    try:
+        with pytest.raises(WorkerGroupError, match="reshards over DP only; resume at that tp/pp/vpp"):
+            resumed.load_checkpoint(tmp_path)
+    finally:
+        resumed.close()
