@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_guided.config import ConfigError, MegatronConfig
+from megatron_guided.config import LOSS_AVG_MODES, ConfigError, MegatronConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,9 +29,12 @@ class ParallelLayout:
                    make_vocab_size_divisible_by=mg.make_vocab_size_divisible_by)
 
 
-def check_layout(hf_config, mg: MegatronConfig, *, gpu: bool, te: bool) -> None:
+def check_layout(hf_config, mg: MegatronConfig, *, gpu: bool, te: bool, loss_avg_mode: str = "token") -> None:
     """Model-dependent and machine-dependent checks of worker.actor.megatron.*."""
     key = "worker.actor.megatron"
+    if mg.cp > 1 and LOSS_AVG_MODES[loss_avg_mode] != "token-mean":
+        raise ConfigError(f"{key}.cp={mg.cp} splits each sequence over ranks, so per-sequence means are not "
+                          f"local: use worker.actor.loss_avg_mode=token (not {loss_avg_mode!r})")
     heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
     if heads % mg.tp or groups % mg.tp:
         raise ConfigError(f"{key}.tp={mg.tp} must divide num_attention_heads={heads} and "

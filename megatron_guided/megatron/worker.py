@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ from megatron_guided.megatron import compat
 from megatron_guided.megatron.checkpoint import (is_megatron_model_dir, load_model_weights, load_training_state,
                                                  save_training_state)
 from megatron_guided.megatron.layout import ParallelLayout, check_layout
+from megatron_guided.megatron.packing import (context_parallel_index, pack_rows, position_aligned, round_up,
+                                              unpack)
 from megatron_guided.megatron.model import (build_chunks, causal_mask, iter_hf_weights, load_hf_weights,
                                             te_available, transformer_config)
 from megatron_guided.megatron.vocab_parallel import vocab_parallel_logprobs
@@ -85,7 +87,7 @@ class MegatronWorker:
         self.layout = ParallelLayout.from_config(mg)
         self.hf_config = AutoConfig.from_pretrained(spec.model_path)
         self.gpu, self.use_te = torch.cuda.is_available(), te_available()
-        check_layout(self.hf_config, mg, gpu=self.gpu, te=self.use_te)
+        check_layout(self.hf_config, mg, gpu=self.gpu, te=self.use_te, loss_avg_mode=actor.loss_avg_mode)
         if torch.distributed.get_world_size() != self.layout.world_size:
             raise RuntimeError(f"world size {torch.distributed.get_world_size()} != tp·pp·cp·dp = {self.layout.world_size}")
         ps.initialize_model_parallel(self.layout.tp, self.layout.pp, self.layout.vpp,
@@ -118,6 +120,18 @@ class MegatronWorker:
         self.objective = PolicyObjective(actor, spec.algorithm, max_response_length=spec.max_response_length)
         self.optimizer_steps = 0
         self.vocab_per_rank = chunks[-1].vocab_size // self.layout.tp
+        self.input_layout = self._input_layout()
+        # FP8 GEMMs want token counts in multiples of 16; sequence parallelism splits tokens over TP
+        self.pad_multiple = math.lcm(16 if mg.fp8 else 1, self.layout.tp if mg.sequence_parallel else 1)
+
+    def _input_layout(self) -> str:
+        """thd: packed sequences (TE attention takes cu_seqlens); cp: context-parallel shares of padded rows;
+        padded: the local attention (CPU), or VPP (one micro-batch shape)."""
+        if self.layout.cp > 1:
+            return "cp"
+        if self.use_te and self.spec.actor.padding_free and not self.layout.vpp:
+            return "thd"
+        return "padded"
 
     def _load_chunks(self) -> list[torch.nn.Module]:
         chunks = build_chunks(self.hf_config, self.layout, self.config, use_te=self.use_te)
@@ -179,26 +193,67 @@ class MegatronWorker:
         return filler
 
     # -- the schedule ----------------------------------------------------------------------
-    def _token_logprobs(self, logits: Tensor, mb: TrainBatch) -> tuple[Tensor, Tensor]:
+    def _vocab_logprobs(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         from megatron.core import parallel_state as ps
 
-        return vocab_parallel_logprobs(logits[:, :-1], mb.input_ids[:, 1:].to(logits.device),
-                                       temperature=self.spec.temperature,
+        return vocab_parallel_logprobs(logits, targets.to(logits.device), temperature=self.spec.temperature,
                                        vocab_start=self.tp_rank * self.vocab_per_rank,
                                        vocab_size=self.hf_config.vocab_size,
                                        group=ps.get_tensor_model_parallel_group())
 
+    def _model_inputs(self, mb: TrainBatch) -> tuple[dict[str, Any], Any]:
+        """The GPTModel inputs of one micro-batch in this run's input layout, and a function mapping the
+        last stage's logits to (logp, entropy, the TrainBatch they align with):
+
+        - padded: `[B, L]` rows with an explicit causal mask (CPU / local attention);
+        - thd: rows packed into one THD sequence with `cu_seqlens` (TE attention, no padding computed);
+        - cp: the load-balanced context-parallel share of each padded row (TE attention); logp and the
+          returned batch are this rank's positions only, position-aligned (see packing.py)."""
+        ids = mb.input_ids.to(self.device)
+        if self.input_layout == "thd":
+            packed = pack_rows(mb.input_ids, mb.seq_lens, multiple=self.pad_multiple)
+            inputs = {"input_ids": packed.input_ids.to(self.device), "position_ids": packed.position_ids.to(self.device),
+                      "attention_mask": None, "packed_seq_params": packed.packed_seq_params(self.device)}
+
+            def outputs(logits: Tensor):
+                logp, entropy = self._vocab_logprobs(logits[0], packed.targets[0])
+                shape = tuple(mb.loss_mask.shape)
+                return unpack(logp, packed, shape), unpack(entropy, packed, shape), mb
+            return inputs, outputs
+        if self.input_layout == "cp":
+            from megatron.core import parallel_state as ps
+
+            length = round_up(ids.shape[1], 2 * self.layout.cp * self.pad_multiple)
+            keep = context_parallel_index(length, rank=ps.get_context_parallel_rank(), size=self.layout.cp)
+            padded = torch.nn.functional.pad(mb.input_ids, (0, length - ids.shape[1]))
+            inputs = {"input_ids": padded[:, keep].to(self.device), "position_ids": keep[None].expand(mb.size, -1).to(self.device),
+                      "attention_mask": None}
+            local = TrainBatch(**{f.name: None if getattr(mb, f.name) is None else
+                                  (position_aligned(getattr(mb, f.name), length)[:, keep]).to(self.device)
+                                  for f in dataclasses.fields(mb)})
+            targets = position_aligned(mb.input_ids[:, 1:], length)[:, keep]
+
+            def outputs(logits: Tensor):
+                logp, entropy = self._vocab_logprobs(logits, targets)
+                return logp, entropy, local
+            return inputs, outputs
+        length = ids.shape[1]
+        inputs = {"input_ids": ids, "position_ids": torch.arange(length, device=self.device)[None].expand_as(ids),
+                  "attention_mask": causal_mask(length).to(self.device)}
+
+        def outputs(logits: Tensor):
+            logp, entropy = self._vocab_logprobs(logits[:, :-1], mb.input_ids[:, 1:])
+            return logp, entropy, mb.to(logits.device)
+        return inputs, outputs
+
     def _run_schedule(self, chunks: list[torch.nn.Module], micro: list[TrainBatch], loss_fn, *,
                       forward_only: bool) -> list[Any]:
+        """`loss_fn(logp, entropy, aligned_batch)` runs on the last stage for each micro-batch."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator, model):
-            mb = next(data_iterator)
-            ids = mb.input_ids.to(self.device)
-            length = ids.shape[1]
-            output = model(input_ids=ids, position_ids=torch.arange(length, device=self.device)[None].expand_as(ids),
-                           attention_mask=causal_mask(length).to(self.device))
-            return output, partial(loss_fn, mb)
+            inputs, outputs = self._model_inputs(next(data_iterator))
+            return model(**inputs), lambda logits: loss_fn(*outputs(logits))
 
         if self.layout.vpp:  # the interleaved schedule needs one tensor shape for all micro-batches
             rows, length = max(mb.size for mb in micro), max(mb.input_ids.shape[1] for mb in micro)
@@ -210,6 +265,17 @@ class MegatronWorker:
             forward_only=forward_only)
 
     # -- the TrainBackend calls ------------------------------------------------------------
+    def _gather_context_parallel(self, local: Tensor, length: int) -> Tensor:
+        """[B, length / cp] shares of every CP rank → [B, length] in sequence order."""
+        from megatron.core import parallel_state as ps
+
+        shares = [torch.empty_like(local) for _ in range(self.layout.cp)]
+        torch.distributed.all_gather(shares, local.contiguous(), group=ps.get_context_parallel_group())
+        full = local.new_zeros(local.shape[0], length)
+        for rank, share in enumerate(shares):
+            full[:, context_parallel_index(length, rank=rank, size=self.layout.cp)] = share
+        return full
+
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch, reference: bool = False) -> dict[str, Tensor] | None:
         """{rows, logp} for this DP rank's rows, on the last stage's TP rank 0; None elsewhere."""
@@ -219,9 +285,10 @@ class MegatronWorker:
         groups = self._micro_batches(batch, self._dp_rows(batch), for_update=False)
         micro = [self._select(batch, g) for g in groups]
 
-        def loss_fn(mb: TrainBatch, logits: Tensor):
-            logp, _ = self._token_logprobs(logits, mb)
-            return logp.sum() * 0, {"logp": logp.cpu()}
+        def loss_fn(logp: Tensor, entropy: Tensor, aligned: TrainBatch):
+            if self.input_layout == "cp":  # every CP rank holds a share of the positions: gather them
+                logp = self._gather_context_parallel(logp, aligned.input_ids.shape[1] * self.layout.cp)
+            return logp.sum() * 0, {"logp": logp[:, : aligned.loss_mask.shape[1]].cpu()}
 
         outputs = self._run_schedule(chunks, micro, loss_fn, forward_only=True)
         if not outputs or self.tp_rank != 0:
@@ -272,10 +339,9 @@ class MegatronWorker:
         scale = len(micro) * ps.get_data_parallel_world_size()
         stats = dict.fromkeys(STAT_NAMES, 0.0)
 
-        def loss_fn(mb: TrainBatch, logits: Tensor):
-            logp, entropy = self._token_logprobs(logits, mb)
-            loss, mb_stats = self.objective(logp, entropy.detach(), mb.to(logits.device),
-                                            global_tokens=global_tokens, global_seqs=global_seqs)
+        def loss_fn(logp: Tensor, entropy: Tensor, aligned: TrainBatch):
+            loss, mb_stats = self.objective(logp, entropy.detach(), aligned, global_tokens=global_tokens,
+                                            global_seqs=global_seqs)
             for name, value in mb_stats.items():
                 stats[name] += value
             return loss * scale, {}
@@ -287,9 +353,9 @@ class MegatronWorker:
         self._run_schedule(self.model, micro, loss_fn, forward_only=False)
         _, grad_norm, _ = self.optimizer.step()
         self.optimizer_steps += 1
-        if ps.is_pipeline_last_stage() and ps.get_data_parallel_world_size() > 1:
+        if ps.is_pipeline_last_stage() and ps.get_data_parallel_world_size(with_context_parallel=True) > 1:
             summed = torch.tensor([stats[n] for n in STAT_NAMES], dtype=torch.float64, device=self.device)
-            torch.distributed.all_reduce(summed, group=ps.get_data_parallel_group())
+            torch.distributed.all_reduce(summed, group=ps.get_data_parallel_group(with_context_parallel=True))
             stats = dict(zip(STAT_NAMES, summed.tolist()))
         return {**stats, "grad_norm": float(grad_norm if grad_norm is not None else float("nan")), "lr": lr}
 

@@ -99,3 +99,36 @@ def test_cpu_rng_tracker_forks_and_restores():
     assert torch.equal(torch.rand(3), first)  # and it was seeded with its own seed
     with pytest.raises(ValueError, match="already tracked"):
         tracker.add("other", 123)
+
+
+def test_thd_packing_maps_back_to_the_padded_layout():
+    from megatron_guided.megatron.packing import pack_rows, unpack
+
+    input_ids = torch.tensor([[5, 6, 7, 8, 0], [9, 10, 0, 0, 0], [11, 12, 13, 14, 15]])
+    lens = torch.tensor([4, 2, 5])
+    packed = pack_rows(input_ids, lens, multiple=4)
+    assert packed.cu_seqlens.tolist() == [0, 4, 8, 16] and packed.max_seqlen == 8
+    assert packed.position_ids[0].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, *range(8)]
+    # a per-position function of (token, next token) computed on the packed row equals the padded one
+    code = packed.input_ids[0] * 100 + packed.targets[0]
+    out = unpack(code.float(), packed, (3, 4))
+    expected = (input_ids[:, :-1] * 100 + input_ids[:, 1:]).float()
+    mask = torch.arange(4)[None] < (lens - 1)[:, None]
+    assert torch.equal(out[mask], expected[mask]) and torch.all(out[~mask] == 0)
+
+
+def test_context_parallel_shares_cover_the_sequence_once_and_balance_causal_work():
+    from megatron_guided.megatron.packing import context_parallel_index
+
+    shares = [context_parallel_index(16, rank=r, size=2) for r in range(2)]
+    assert sorted(torch.cat(shares).tolist()) == list(range(16))
+    assert shares[0].tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
+    work = [int(s.sum()) for s in shares]  # causal attention cost grows with the position
+    assert work[0] == work[1]
+    with pytest.raises(ValueError, match="multiple of 2 × cp"):
+        context_parallel_index(10, rank=0, size=4)
+
+
+def test_context_parallel_refuses_per_sequence_means():
+    with pytest.raises(ConfigError, match="loss_avg_mode=token"):
+        check_layout(hf_config(), MegatronConfig(cp=2), gpu=True, te=True, loss_avg_mode="seq")
