@@ -36,10 +36,46 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict[str, Any]:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
+def _rng_states() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _rng_sharded_object(states: list[dict[str, Any]] | None):
+    """The RNG states of every DP rank of this (pp, tp) position, stored once per position
+    (Megatron-LM's layout: global shape (pp, tp), replicated over DP/CP)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("rng_state", states, (ps.get_pipeline_model_parallel_world_size(),
+                                               ps.get_tensor_model_parallel_world_size()),
+                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+                         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _restore_rng(states: list[dict[str, Any]]) -> None:
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    state = states[ps.get_data_parallel_rank(with_context_parallel=True)]
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _load_chunks(loaded: dict[str, Any], chunks: list[torch.nn.Module]) -> None:
+    for key, chunk in zip(model_sharded_state_dict(chunks), chunks):
+        chunk.load_state_dict(loaded[key])
+
+
 def save_training_state(path: Path, chunks: list[torch.nn.Module], optimizer, extra: dict[str, Any], *,
                         layout: ParallelLayout, distributed_optimizer: bool) -> None:
     """Collective: every rank calls it with the same `path`."""
     from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
 
     target = path / MODEL_DIR
     if torch.distributed.get_rank() == 0:
@@ -51,6 +87,9 @@ def save_training_state(path: Path, chunks: list[torch.nn.Module], optimizer, ex
     state = model_sharded_state_dict(chunks)
     state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_optimizer_metadata(distributed_optimizer))
     state["extra"] = extra
+    rng = [None] * ps.get_data_parallel_world_size(with_context_parallel=True)
+    torch.distributed.all_gather_object(rng, _rng_states(), group=ps.get_data_parallel_group(with_context_parallel=True))
+    state["rng_state"] = _rng_sharded_object(rng)
     dist_checkpointing.save(state, str(target), content_metadata=_optimizer_metadata(distributed_optimizer))
     torch.distributed.barrier()
 
@@ -65,7 +104,8 @@ def saved_layout(path: Path) -> dict[str, Any]:
 @torch.no_grad()
 def load_training_state(path: Path, chunks: list[torch.nn.Module], optimizer, *, layout: ParallelLayout,
                         distributed_optimizer: bool) -> dict[str, Any]:
-    """Collective. Loads model and optimizer into place; returns the saved `extra` dict."""
+    """Collective. Loads model and optimizer into place, and the RNG states where the layout is the
+    saved one (dropout streams cannot be mapped to other ranks); returns the saved `extra` dict."""
     from megatron.core import dist_checkpointing
 
     saved = saved_layout(path)
@@ -80,13 +120,14 @@ def load_training_state(path: Path, chunks: list[torch.nn.Module], optimizer, *,
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                       metadata=_optimizer_metadata(distributed_optimizer))
     state["extra"] = None
+    same_layout = all(saved[k] == getattr(layout, k) for k in ("tp", "pp", "cp", "dp"))
+    if same_layout:
+        state["rng_state"] = _rng_sharded_object(None)
     loaded = dist_checkpointing.load(state, str(path / MODEL_DIR))
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"])
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded[f"model{i}"])
+    _load_chunks(loaded, chunks)
     optimizer.load_state_dict(loaded["optimizer"])
+    if same_layout:
+        _restore_rng(loaded["rng_state"])
     return loaded["extra"]
 
 
@@ -100,7 +141,5 @@ def load_model_weights(path: str | Path, chunks: list[torch.nn.Module]) -> None:
     run's TP/PP whatever they were when saved. Collective."""
     from megatron.core import dist_checkpointing
 
-    state = model_sharded_state_dict(chunks)
-    loaded = dist_checkpointing.load(state, str(Path(path) / MODEL_DIR))
-    for key, chunk in zip(state, chunks):
-        chunk.load_state_dict(loaded[key])
+    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), str(Path(path) / MODEL_DIR))
+    _load_chunks(loaded, chunks)

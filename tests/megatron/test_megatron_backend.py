@@ -102,11 +102,11 @@ def test_update_matches_torch_backend(random_qwen2_dir, layout, kl):
     assert moved > 5e-5  # the update did change the weights (the comparison is not vacuous)
 
 
-@pytest.mark.parametrize("saved", [{"tp": 2}, {"pp": 2}], ids=["tp2-to-tp1", "pp2-to-tp1"])
+@pytest.mark.parametrize("saved", [{"tp": 2}, {"pp": 2}, {}], ids=["tp2-to-tp1", "pp2-to-tp1", "tp1-to-tp1"])
 def test_resume_at_another_layout_continues_exactly(random_qwen2_dir, tmp_path, saved):
     """Step 1 at `saved`, checkpoint, resume at TP=1: step 2's metrics and weights equal an uninterrupted
     run's (TorchBackend, shown equal to MegatronBackend above). Adam's moments and step count must come
-    back exactly: its second step depends on both."""
+    back exactly: its second step depends on both. (At an unchanged layout the RNG states load too.)"""
     model = AutoModelForCausalLM.from_pretrained(random_qwen2_dir, dtype=torch.float32).eval()
     first, second = make_batch(64), make_batch(64)
     second.advantages = -second.advantages
