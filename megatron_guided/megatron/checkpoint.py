@@ -8,6 +8,9 @@ optimizer. The distributed optimizer is saved `dp_reshardable` (megatron-core 0.
 TP/PP; `load_training_state` says so instead of loading wrong moments.
 
 Atomicity is the caller's: the trainer writes into a temporary checkpoint folder and renames it.
+
+Saving uses :func:`sync_save_strategy`: megatron-core's default torch_dist writer starts a
+`multiprocessing` Manager, which a daemonic rank process (`LocalWorkerGroup`) may not do.
 """
 
 from __future__ import annotations
@@ -23,6 +26,28 @@ from megatron_guided.megatron.layout import ParallelLayout
 
 MODEL_DIR = "dist_ckpt"
 LAYOUT_FILE = "layout.json"
+
+
+def sync_save_strategy(planner_class=None):
+    """Megatron's torch_dist save strategy writing synchronously with PyTorch's `FileSystemWriter` (one
+    thread, fsync; same files and metadata, no helper processes). `planner_class` (default
+    `MCoreSavePlanner`) may override how tensor data is obtained."""
+    from megatron.core.dist_checkpointing.strategies.torch import (MCoreSavePlanner, TorchDistSaveShardedStrategy,
+                                                                   _replace_state_dict_keys_with_sharded_keys,
+                                                                   mcore_to_pyt_state_dict)
+    from torch.distributed import checkpoint as dcp
+
+    planner_class = planner_class or MCoreSavePlanner
+
+    class SyncTorchDistSave(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            dcp.save(mcore_to_pyt_state_dict(by_key, False),
+                     storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=True),
+                     planner=planner_class(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                           flatten_state_dict=False))
+
+    return SyncTorchDistSave("torch_dist", 1, thread_count=1)
 
 
 def _optimizer_metadata(distributed_optimizer: bool) -> dict[str, str] | None:
@@ -90,7 +115,8 @@ def save_training_state(path: Path, chunks: list[torch.nn.Module], optimizer, ex
     rng = [None] * ps.get_data_parallel_world_size(with_context_parallel=True)
     torch.distributed.all_gather_object(rng, _rng_states(), group=ps.get_data_parallel_group(with_context_parallel=True))
     state["rng_state"] = _rng_sharded_object(rng)
-    dist_checkpointing.save(state, str(target), content_metadata=_optimizer_metadata(distributed_optimizer))
+    dist_checkpointing.save(state, str(target), sharded_strategy=sync_save_strategy(),
+                            content_metadata=_optimizer_metadata(distributed_optimizer))
     torch.distributed.barrier()
 
 

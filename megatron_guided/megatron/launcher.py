@@ -58,8 +58,8 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
 
 
-def _serve(rank: int, world_size: int, port: int, threads: int, spec, conn) -> None:
-    """Body of one rank's process."""
+def _serve(rank: int, world_size: int, port: int, threads: int, spec, worker_class, conn) -> None:
+    """Body of one rank's process: `worker_class(spec)` (default `MegatronWorker`) serves the calls."""
     _die_with_parent()
     _quiet_known_warnings()
     try:
@@ -77,9 +77,10 @@ def _serve(rank: int, world_size: int, port: int, threads: int, spec, conn) -> N
             compat.install()
             backend = "gloo"
         torch.distributed.init_process_group(backend, rank=rank, world_size=world_size)
-        from megatron_guided.megatron.worker import MegatronWorker
+        if worker_class is None:
+            from megatron_guided.megatron.worker import MegatronWorker as worker_class
 
-        worker = MegatronWorker(spec)
+        worker = worker_class(spec)
         conn.send((_DONE, None))
     except BaseException:  # noqa: BLE001 - reported to the driver
         conn.send((_ERROR, traceback.format_exc()))
@@ -105,10 +106,11 @@ def _serve(rank: int, world_size: int, port: int, threads: int, spec, conn) -> N
 
 
 class LocalWorkerGroup:
-    """`world_size` ranks on this machine, each running a `MegatronWorker(spec)`."""
+    """`world_size` ranks on this machine, each running a `MegatronWorker(spec)`, or `worker_class(spec)`
+    (a picklable top-level class, e.g. the conversion verifier's)."""
 
     def __init__(self, spec, *, world_size: int, master_port: int = 0, threads_per_rank: int = 0,
-                 start_timeout: float = 600.0):
+                 start_timeout: float = 600.0, worker_class: type | None = None):
         ctx = mp.get_context("spawn")
         port = master_port or free_port()
         threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
@@ -116,7 +118,7 @@ class LocalWorkerGroup:
         self.conns, self.procs = [], []
         for rank in range(world_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(rank, world_size, port, threads, spec, child),
+            proc = ctx.Process(target=_serve, args=(rank, world_size, port, threads, spec, worker_class, child),
                                name=f"megatron-rank{rank}")
             proc.start()
             child.close()

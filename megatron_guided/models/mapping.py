@@ -33,6 +33,12 @@ class ModelShape:
     padded_vocab_size: int
 
 
+def _owned(chunks, tp: int) -> list[Tensor]:
+    """TP shards that own their memory (a view would drag the whole tensor along when pickled or
+    saved). With TP = 1 the single chunk is the whole tensor already: no copy."""
+    return list(chunks) if tp == 1 else [t.clone() for t in chunks]
+
+
 class Replicated:
     """Same tensor on every TP rank (norms)."""
 
@@ -52,7 +58,7 @@ class Split:
     def to_megatron(self, hf: list[Tensor], *, tp: int, shape: ModelShape) -> list[Tensor]:
         if hf[0].shape[self.dim] % tp:
             raise ValueError(f"dimension {self.dim} of size {hf[0].shape[self.dim]} does not divide by TP={tp}")
-        return [t.clone() for t in torch.chunk(hf[0], tp, dim=self.dim)]
+        return _owned(torch.chunk(hf[0], tp, dim=self.dim), tp)
 
     def to_hf(self, shards: list[Tensor], *, shape: ModelShape) -> list[Tensor]:
         return [torch.cat(shards, dim=self.dim)]
@@ -70,10 +76,11 @@ class VocabSplit:
             raise ValueError(f"padded vocab size {shape.padded_vocab_size} does not divide by TP={tp}")
         padded = hf[0].new_zeros((shape.padded_vocab_size, *hf[0].shape[1:]))
         padded[:rows] = hf[0]
-        return [t.clone() for t in torch.chunk(padded, tp, dim=0)]
+        return _owned(torch.chunk(padded, tp, dim=0), tp)
 
     def to_hf(self, shards: list[Tensor], *, shape: ModelShape) -> list[Tensor]:
-        return [torch.cat(shards, dim=0)[: shape.vocab_size].clone()]
+        full = shards[0] if len(shards) == 1 else torch.cat(shards, dim=0)
+        return [full[: shape.vocab_size].clone()]
 
 
 class QKV:
@@ -88,7 +95,7 @@ class QKV:
         k = k.reshape(groups, d, *k.shape[1:])
         v = v.reshape(groups, d, *v.shape[1:])
         fused = torch.cat([q, k, v], dim=1)  # [groups, (per_group + 2)·d, ...]
-        return [c.reshape(-1, *c.shape[2:]).clone() for c in torch.chunk(fused, tp, dim=0)]
+        return _owned([c.reshape(-1, *c.shape[2:]) for c in torch.chunk(fused, tp, dim=0)], tp)
 
     def to_hf(self, shards: list[Tensor], *, shape: ModelShape) -> list[Tensor]:
         groups, per_group, d = shape.num_query_groups, shape.num_heads // shape.num_query_groups, shape.head_dim
