@@ -89,13 +89,16 @@ def main(argv: list[str] | None = None) -> None:
 
         kwargs = dict(algorithm=AlgorithmConfig(), temperature=1.0, num_mini_batches=1, total_optimizer_steps=100,
                       max_response_length=100)
-        results = {"torch": timed_steps(TorchBackend(copy.deepcopy(model), actor=actor(), **kwargs), batch, args.steps)}
+        torch_backend = TorchBackend(copy.deepcopy(model), actor=actor(), **kwargs)
+        results = {"torch": timed_steps(torch_backend, batch, args.steps)}
         for name in args.layouts:
             backend = MegatronBackend(model_path=tmp, actor=actor(**LAYOUTS[name]), **kwargs)
             try:
                 results[f"megatron-{name}"] = timed_steps(backend, batch, args.steps)
             finally:
                 backend.close()
+        # torch again, last: if the machine got busier or quieter meanwhile, the two torch rows differ
+        results["torch (again)"] = timed_steps(torch_backend, batch, args.steps)
     tokens = int(batch.attention_mask.sum())
     base = statistics.median(results["torch"])
     print(f"one GRPO update, {args.rows} rows, {tokens} tokens, model 4×256 (median of {args.steps} steps)")
