@@ -57,6 +57,22 @@ def actor_config(**megatron) -> ActorConfig:
 
 
 
+UPDATE_KWARGS = dict(temperature=TEMPERATURE, num_mini_batches=1, total_optimizer_steps=4, max_response_length=16)
+
+
+def torch_update(model, batch, **kwargs) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """The reference: TorchBackend's metrics and updated weights for one step on `batch`."""
+    backend = TorchBackend(copy.deepcopy(model), actor=actor_config(), algorithm=AlgorithmConfig(), **UPDATE_KWARGS)
+    return backend.train_step(batch), dict(backend.export_weights())
+
+
+def assert_same_update(metrics, weights, expected, expected_weights, names=("loss", "grad_norm", "entropy")) -> None:
+    for name in names:
+        assert metrics[name] == pytest.approx(expected[name], abs=TOL), name
+    for name, tensor in weights.items():
+        assert (tensor - expected_weights[name]).abs().max() < TOL, name
+
+
 @pytest.mark.parametrize("layout, kl", [({}, False), ({"tp": 2}, False), ({"pp": 2}, True)],
                          ids=["tp1", "tp2", "pp2-kl"])
 def test_update_matches_torch_backend(random_qwen2_dir, layout, kl):
@@ -131,10 +147,7 @@ def test_resume_at_another_layout_continues_exactly(random_qwen2_dir, tmp_path, 
         weights = dict(resumed.export_weights())
     finally:
         resumed.close()
-    for name in ("loss", "grad_norm", "clipfrac", "ppo_kl"):
-        assert metrics[name] == pytest.approx(expected[name], abs=TOL), name
-    for name, tensor in weights.items():
-        assert (tensor - expected_weights[name]).abs().max() < TOL, name
+    assert_same_update(metrics, weights, expected, expected_weights, names=("loss", "grad_norm", "clipfrac", "ppo_kl"))
 
 
 def save_random(kind: str, out):
@@ -178,21 +191,15 @@ def test_interleaved_pipeline_matches_torch_backend(tiny_model_dir):
     shapes (padded to one for the interleaved schedule)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     batch = make_batch(model.config.vocab_size)
-    kwargs = dict(algorithm=AlgorithmConfig(), temperature=TEMPERATURE, num_mini_batches=1, total_optimizer_steps=4,
-                  max_response_length=16)
-    torch_backend = TorchBackend(copy.deepcopy(model), actor=actor_config(), **kwargs)
-    expected = torch_backend.train_step(batch)
-    expected_weights = dict(torch_backend.export_weights())
-    backend = MegatronBackend(model_path=str(tiny_model_dir), actor=actor_config(pp=2, vpp=2), **kwargs)
+    expected, expected_weights = torch_update(model, batch)
+    backend = MegatronBackend(model_path=str(tiny_model_dir), actor=actor_config(pp=2, vpp=2),
+                              algorithm=AlgorithmConfig(), **UPDATE_KWARGS)
     try:
         metrics = backend.train_step(batch)
         weights = dict(backend.export_weights())
     finally:
         backend.close()
-    for name in ("loss", "grad_norm", "entropy"):
-        assert metrics[name] == pytest.approx(expected[name], abs=TOL), name
-    for name, tensor in weights.items():
-        assert (tensor - expected_weights[name]).abs().max() < TOL, name
+    assert_same_update(metrics, weights, expected, expected_weights)
 
 
 def test_data_parallel_distributed_optimizer(random_qwen2_dir, tmp_path):
@@ -202,11 +209,8 @@ def test_data_parallel_distributed_optimizer(random_qwen2_dir, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(random_qwen2_dir, dtype=torch.float32).eval()
     batch = make_batch(64)
-    kwargs = dict(algorithm=AlgorithmConfig(), temperature=TEMPERATURE, num_mini_batches=1, total_optimizer_steps=4,
-                  max_response_length=16)
-    torch_backend = TorchBackend(copy.deepcopy(model), actor=actor_config(), **kwargs)
-    expected = torch_backend.train_step(batch)
-    expected_weights = dict(torch_backend.export_weights())
+    kwargs = dict(algorithm=AlgorithmConfig(), **UPDATE_KWARGS)
+    expected, expected_weights = torch_update(model, batch)
     actor = actor_config(dp=2)
     actor.megatron.use_distributed_optimizer = True
     backend = MegatronBackend(model_path=str(random_qwen2_dir), actor=actor, **kwargs)
@@ -216,10 +220,7 @@ def test_data_parallel_distributed_optimizer(random_qwen2_dir, tmp_path):
         backend.save_checkpoint(tmp_path)
     finally:
         backend.close()
-    for name in ("loss", "grad_norm", "entropy", "clipfrac"):
-        assert metrics[name] == pytest.approx(expected[name], abs=TOL), name
-    for name, tensor in weights.items():
-        assert (tensor - expected_weights[name]).abs().max() < TOL, name
+    assert_same_update(metrics, weights, expected, expected_weights, names=("loss", "grad_norm", "entropy", "clipfrac"))
     actor = actor_config(tp=2)
     actor.megatron.use_distributed_optimizer = True
     resumed = MegatronBackend(model_path=str(random_qwen2_dir), actor=actor, **kwargs)
