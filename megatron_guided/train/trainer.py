@@ -182,8 +182,12 @@ class Trainer:
             self.close()
 
     def close(self) -> None:
-        if self.guided is not None:
-            self.guided.close()
+        """Close the guided rollout (verifier, event loop) and the engine (SGLang servers stop)."""
+        try:
+            if self.guided is not None:
+                self.guided.close()
+        finally:
+            self.engine.close()
 
     def train_one_step(self) -> dict[str, float]:
         self.timings = {}
