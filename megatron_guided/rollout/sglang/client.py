@@ -116,7 +116,7 @@ class SGLangClient:
         try:
             async for attempt in AsyncRetrying(
                     stop=stop_after_attempt(self.max_retries + 1), retry=retry_if_exception(retryable),
-                    wait=wait_exponential_jitter(initial=self.retry_interval_s, max=30.0,
+                    wait=wait_exponential_jitter(multiplier=self.retry_interval_s, max=30.0,
                                                  jitter=self.retry_interval_s),
                     before_sleep=self._count_retry, reraise=True):
                 with attempt:

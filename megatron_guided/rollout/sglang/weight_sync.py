@@ -61,11 +61,13 @@ class WeightSync(Protocol):
 def iter_buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Consecutive groups of at most ``bucket_bytes`` (a larger tensor forms a bucket alone). A tensor that
     aliases one already yielded (tied embeddings: same storage, shape and strides) is skipped."""
-    seen: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
+    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = set()
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, tensor in named_tensors:
-        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        # The storage's identity, not its data pointer: pickling a CPU tensor for IPC moves its storage
+        # into shared memory in place (new pointer, same storage).
+        key = (tensor.untyped_storage()._cdata, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
         if key in seen:
             continue
         seen.add(key)
