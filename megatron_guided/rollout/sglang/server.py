@@ -4,8 +4,9 @@ A launched server is ``<python> -m sglang.launch_server --model-path ... --host 
 own session (process group), with stdout/stderr in a log file. It is stopped (SIGTERM to the group,
 SIGKILL after a grace period) by :meth:`SGLangServer.stop`, by an ``atexit`` hook when this process ends
 normally or on an exception / Ctrl-C, and by the kernel when this process is killed outright
-(``PR_SET_PDEATHSIG`` on Linux: the server gets SIGTERM when the thread that launched it dies; SGLang's
-own subprocesses die with it). Attached servers (``worker.rollout.sglang.urls``) are never stopped.
+(``PR_SET_PDEATHSIG`` on Linux: the server gets SIGTERM when the thread that launched it dies, so launch
+from a thread that lives as long as the servers should, normally the main thread; SGLang's own
+subprocesses die with it). Attached servers (``worker.rollout.sglang.urls``) are never stopped.
 
 On ``device=cpu`` the server runs SGLang's CPU engine: ``SGLANG_USE_CPU_ENGINE=1`` and the
 ``torch_native`` attention backend (see ``../shared/reference/serving-on-cpu.md``; on a machine without
@@ -15,7 +16,6 @@ the CUDA kernel package, ``tests/sglang_stubs`` must be on ``pythonpath``).
 from __future__ import annotations
 
 import atexit
-import ctypes
 import logging
 import os
 import signal
@@ -83,10 +83,11 @@ class SGLangServer:
     def launch(cls, model_path: str, cfg: SGLangConfig, *, port: int, log_path: Path) -> SGLangServer:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = server_command(model_path, cfg, port=port)
+        if sys.platform.startswith("linux"):
+            cmd = [cmd[0], "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
         with open(log_path, "ab") as out:
             process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                       env=server_env(cfg), start_new_session=True,
-                                       preexec_fn=_die_with_parent(os.getpid()))
+                                       env=server_env(cfg), start_new_session=True)
         server = cls(url=f"http://{cfg.host}:{port}", process=process, log_path=log_path)
         with _LIVE_LOCK:
             _LIVE.add(server)
@@ -189,16 +190,15 @@ def _stop_all_live() -> None:
 atexit.register(_stop_all_live)
 
 
-def _die_with_parent(parent_pid: int):
-    """preexec_fn: ask the kernel to SIGTERM the server when the launching thread dies (Linux)."""
-
-    def preexec() -> None:
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-            if os.getppid() != parent_pid:  # the parent died before prctl took effect
-                os._exit(1)
-
-    return preexec
+_DIE_WITH_PARENT = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM when the parent dies
+if os.getppid() != int(sys.argv[1]):  # the parent died before prctl took effect
+    sys.exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+"""Run first in the server's process (then exec'd into the server, which keeps the setting): a
+``preexec_fn`` would do the same but is unsafe in a process with threads (the engine has one)."""
 
 
 def _signal_group(pgid: int, sig: int) -> None:
