@@ -144,6 +144,8 @@ class SGLangConfig:
     """Folders put first on the servers' PYTHONPATH (on CPU: tests/sglang_stubs, see its README)."""
     extra_args: list[str] = field(default_factory=list)
     """Passed to `python -m sglang.launch_server` as given, e.g. ["--max-total-tokens", "65536"]."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment of launched servers, e.g. {OMP_NUM_THREADS: "1"} (never logged)."""
     startup_timeout_s: float = 600.0
     """Seconds to wait for a launched server's /health."""
     request_timeout_s: float = 600.0

@@ -85,5 +85,5 @@ def cpu_sglang_config(**overrides):
 
     settings = dict(device="cpu", dtype="float32", mem_fraction_static=0.05, python=sglang_python() or "",
                     pythonpath=[str(SGLANG_STUBS)], extra_args=["--max-total-tokens", "65536"],
-                    startup_timeout_s=300.0, request_timeout_s=120.0)
+                    startup_timeout_s=300.0, request_timeout_s=120.0, env={"OMP_NUM_THREADS": "1"})
     return SGLangConfig(**(settings | overrides))

@@ -52,8 +52,10 @@ def test_command_and_environment():
         "--port", "1234", "--tp-size", "2", "--mem-fraction-static", "0.05", "--dtype", "float32",
         "--device", "cpu", "--enable-cache-report", "--attention-backend", "torch_native",
         "--max-total-tokens", "65536"]
+    cfg.env = {"OMP_NUM_THREADS": "1"}
     env = server_env(cfg, {"PYTHONPATH": "/old", "HOME": "/root"})
-    assert env == {"PYTHONPATH": "/stubs" + os.pathsep + "/old", "HOME": "/root", "SGLANG_USE_CPU_ENGINE": "1"}
+    assert env == {"PYTHONPATH": "/stubs" + os.pathsep + "/old", "HOME": "/root", "SGLANG_USE_CPU_ENGINE": "1",
+                   "OMP_NUM_THREADS": "1"}
     gpu = SGLangConfig(device="cuda")
     assert "--attention-backend" not in server_command("/m", gpu, port=1) and "SGLANG_USE_CPU_ENGINE" not in server_env(gpu, {})
 

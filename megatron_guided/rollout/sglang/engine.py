@@ -36,7 +36,7 @@ from megatron_guided.rollout.sglang.protocol import (
     parse_completion,
     parse_weight_version,
 )
-from megatron_guided.rollout.sglang.server import SGLangServer, start_servers
+from megatron_guided.rollout.sglang.server import SGLangServer, SGLangServerError, start_servers
 from megatron_guided.rollout.sglang.weight_sync import WeightSync, weight_sync_from_config
 from megatron_guided.utils.loop_thread import LoopThread
 
@@ -172,8 +172,12 @@ class SGLangEngine:
         return parse_completion(answer, prompt_len=len(request.prompt_ids))
 
     async def _generate_all(self, requests: list[GenerationRequest]) -> list[Completion]:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self._generate_one(r)) for r in requests]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._generate_one(r)) for r in requests]
+        except ExceptionGroup as failed:  # one error for the caller: a dead server explains the rest
+            errors = list(failed.exceptions)
+            raise next((e for e in errors if isinstance(e, SGLangServerError)), errors[0]) from None
         return [t.result() for t in tasks]
 
     async def _update(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:

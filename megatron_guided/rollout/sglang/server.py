@@ -55,8 +55,9 @@ def server_command(model_path: str, cfg: SGLangConfig, *, port: int) -> list[str
 
 
 def server_env(cfg: SGLangConfig, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The servers' environment: ``base`` (default ``os.environ``) plus the CPU switch and PYTHONPATH."""
-    env = dict(os.environ if base is None else base)
+    """The servers' environment: ``base`` (default ``os.environ``), ``cfg.env``, the CPU switch and
+    PYTHONPATH."""
+    env = dict(os.environ if base is None else base) | dict(cfg.env)
     if cfg.device == "cpu":
         env["SGLANG_USE_CPU_ENGINE"] = "1"
     if cfg.pythonpath:
