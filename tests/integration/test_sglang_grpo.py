@@ -75,8 +75,10 @@ def test_guided_grpo_with_sglang_policy_and_verifier(tiny_model_dir, arith_data_
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
-        assert m["verifier/calls"] > 0 and m["verifier/failures"] == 0
-        assert m["guided/turns_mean"] > 1.0
+        # the random tiny verifier sometimes replies without any text (a FAILED reply by design); every
+        # other reply is guidance that the policy continues from
+        assert m["verifier/calls"] > 0 and m["verifier/failures"] < m["verifier/calls"] / 2
+        assert m["guided/corrections_mean"] > 0 and m["guided/turns_mean"] > 1.0
         assert m["engine/prefix_reuse"] >= 0.9
         assert abs(m["actor/rollout_logprob_abs_diff"]) < 1e-3  # rollout log-probs are the trainer's
     synced = sorted(p.name for p in (tmp_path / "out" / "weight_sync").iterdir())
