@@ -52,6 +52,7 @@ def guided_batch(engine: GenerationEngine, tokenizer, prompts, *, max_turns: int
                            max_response_length=tokens_per_turn)
     try:
         sampling = SamplingParams(max_new_tokens=tokens_per_turn, temperature=0.0)
+        engine.flush_cache()  # nothing cached from an earlier batch: reuse within this batch only
         start = time.perf_counter()
         trajectories = guided.loop.run_until_complete(guided.run(prompts, n=1, sampling=sampling, base_seed=seed,
                                                                  step=0, show_reference=True))
