@@ -30,12 +30,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from megatron_guided.config import DataConfig, SGLangConfig, VerifierConfig  # noqa: E402
-from megatron_guided.data.dataset import build_prompt_dataset  # noqa: E402
-from megatron_guided.rollout.batcher import async_generator  # noqa: E402
-from megatron_guided.rollout.engine import GenerationEngine, SamplingParams  # noqa: E402
-from megatron_guided.rollout.guided import ChatDelta, GuidedRollout  # noqa: E402
-from megatron_guided.verifier.function import FunctionVerifier  # noqa: E402
+from megatron_guided.config import DataConfig, SGLangConfig, VerifierConfig
+from megatron_guided.data.dataset import build_prompt_dataset
+from megatron_guided.rollout.batcher import async_generator
+from megatron_guided.rollout.engine import GenerationEngine, SamplingParams
+from megatron_guided.rollout.guided import ChatDelta, GuidedRollout
+from megatron_guided.verifier.function import FunctionVerifier
 
 CHECKER = "examples/verifier_function/arith_step_checker.py:verify"
 
