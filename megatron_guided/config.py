@@ -154,6 +154,59 @@ class ValOverrideConfig:
 
 
 @dataclass(kw_only=True)
+class SGLangConfig:
+    """worker.rollout.sglang.* and worker.rollout.verifier.sglang.*: the SGLang servers of one engine.
+
+    Flags of SGLang's own that we do not interpret go through ``extra_args`` unchanged."""
+
+    urls: list[str] = field(default_factory=list)
+    """Attach to these running servers (``http://host:port``) instead of launching; empty = launch."""
+    num_replicas: int = 1
+    """Servers to launch, each with the whole model; requests are load-balanced, a sample sticks to one."""
+    tp_size: int = 1
+    """Tensor-parallel size of each server (--tp-size)."""
+    mem_fraction_static: float = 0.8
+    """Share of device memory for weights + KV cache (--mem-fraction-static)."""
+    dtype: str = "auto"
+    """--dtype: auto | float32 | bfloat16 | float16 (float32 on CPU to match the trainer's logprobs)."""
+    device: str = "cuda"
+    """cuda | cpu. cpu sets SGLANG_USE_CPU_ENGINE=1 and torch_native attention; memory release is refused."""
+    host: str = "127.0.0.1"
+    """Address launched servers bind to."""
+    port: int = 0
+    """First port of launched servers (replica i uses port + i); 0 = free ports."""
+    python: str = ""
+    """Interpreter that has sglang installed (e.g. .venv-sglang/bin/python); "" = this one."""
+    pythonpath: list[str] = field(default_factory=list)
+    """Folders put first on the servers' PYTHONPATH (on CPU: tests/sglang_stubs, see its README)."""
+    extra_args: list[str] = field(default_factory=list)
+    """Passed to `python -m sglang.launch_server` as given, e.g. ["--max-total-tokens", "65536"]."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment of launched servers, e.g. {OMP_NUM_THREADS: "1"} (never logged)."""
+    startup_timeout_s: float = 600.0
+    """Seconds to wait for a launched server's /health."""
+    request_timeout_s: float = 600.0
+    """Seconds per HTTP request (a whole generation)."""
+    max_retries: int = 3
+    """Retries after the first attempt on connection errors, timeouts, 5xx and malformed JSON."""
+    retry_interval_s: float = 0.5
+    """Base of the exponential backoff between retries (seconds)."""
+    weight_sync: str = "disk"
+    """disk (safetensors in weight_sync_dir, CPU or disaggregated) | tensor (colocated GPUs) |
+    distributed (an NCCL group between trainer and servers)."""
+    weight_sync_dir: str = ""
+    """Folder shared by trainer and servers for weight_sync=disk; default <output_dir>/weight_sync."""
+    bucket_mb: int = 512
+    """Most MiB of tensors per safetensors shard / update request."""
+    pause_mode: str = "in_place"
+    """How generation is paused around a weight update: abort | retract | in_place."""
+    master_address: str = "127.0.0.1"
+    """weight_sync=distributed: address of the trainer's rank 0 in the update group."""
+    master_port: int = 0
+    """weight_sync=distributed: port of that rendezvous; 0 = a free one."""
+
+
+@dataclass(kw_only=True)
 class VerifierConfig:
     """worker.rollout.verifier.*: the verifier in the loop (Guided-GRPO)."""
 
@@ -167,6 +220,9 @@ class VerifierConfig:
     model_path: str = ""
     tokenizer_path: str | None = None
     trust_remote_code: bool = False
+    engine: str = "hf"
+    """type=model: hf (in-process) | sglang (its own servers, worker.rollout.verifier.sglang; never weight-synced)."""
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
     base_url: str = ""
     """http: requests go to POST {base_url}/chat/completions."""
     model: str = "verifier"
@@ -218,8 +274,9 @@ class VerifierConfig:
 
 @dataclass(kw_only=True)
 class RolloutConfig:
-    name: str = "hf"
-    """hf (in-process transformers engine with KV-cache reuse) | sglang."""
+    engine: str = "hf"
+    """hf (in-process transformers engine with KV-cache reuse) | sglang (servers, worker.rollout.sglang)."""
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
     n: int = 8
     """Samples per prompt (the group size of group-relative estimators)."""
     temperature: float = 1.0
@@ -355,6 +412,29 @@ def _validate_megatron(mg: MegatronConfig) -> None:
         raise ConfigError("worker.actor.megatron.make_vocab_size_divisible_by must be >= 1")
 
 
+def _validate_sglang(key: str, sg: SGLangConfig) -> None:
+    _check_choice(f"{key}.device", sg.device, ("cuda", "cpu"))
+    _check_choice(f"{key}.weight_sync", sg.weight_sync, ("disk", "tensor", "distributed"))
+    _check_choice(f"{key}.pause_mode", sg.pause_mode, ("abort", "retract", "in_place"))
+    for name in ("num_replicas", "tp_size", "bucket_mb"):
+        if getattr(sg, name) < 1:
+            raise ConfigError(f"{key}.{name}={getattr(sg, name)} must be >= 1")
+    if not 0.0 < sg.mem_fraction_static <= 1.0:
+        raise ConfigError(f"{key}.mem_fraction_static={sg.mem_fraction_static} must be in (0, 1]")
+    for name in ("startup_timeout_s", "request_timeout_s"):
+        if getattr(sg, name) <= 0:
+            raise ConfigError(f"{key}.{name}={getattr(sg, name)} must be > 0")
+    if sg.max_retries < 0 or sg.retry_interval_s < 0:
+        raise ConfigError(f"{key}.max_retries and {key}.retry_interval_s must be >= 0")
+    for url in sg.urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{key}.urls: {url!r} must look like http://host:port")
+    if sg.device == "cpu" and sg.weight_sync != "disk":
+        raise ConfigError(f"{key}.weight_sync={sg.weight_sync} needs GPUs; set {key}.weight_sync=disk on device=cpu")
+    if not 0 <= sg.port <= 65535 or not 0 <= sg.master_port <= 65535:
+        raise ConfigError(f"{key}.port and {key}.master_port must be in [0, 65535]")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the dotted key and the fix."""
     data, actor, rollout = cfg.data, cfg.worker.actor, cfg.worker.rollout
@@ -368,7 +448,10 @@ def validate(cfg: Config) -> None:
     _check_choice("worker.actor.model.dtype", actor.model.dtype, ("float32", "bfloat16", "float16"))
     _check_choice("worker.actor.optim.lr_scheduler_type", actor.optim.lr_scheduler_type,
                   ("constant", "linear", "cosine"))
-    _check_choice("worker.rollout.name", rollout.name, ("hf", "sglang"))
+    _check_choice("worker.rollout.engine", rollout.engine, ("hf", "sglang"))
+    _check_choice("worker.rollout.verifier.engine", rollout.verifier.engine, ("hf", "sglang"))
+    _validate_sglang("worker.rollout.sglang", rollout.sglang)
+    _validate_sglang("worker.rollout.verifier.sglang", rollout.verifier.sglang)
     _check_choice("worker.reward.reward_type", cfg.worker.reward.reward_type, ("batch", "sequential"))
     _check_choice("trainer.wandb_mode", trainer.wandb_mode, ("offline", "online"))
     for name in trainer.logger:

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tools import make_tiny_model, prepare_data
+
+SGLANG_STUBS = Path(__file__).resolve().parent / "sglang_stubs"
+
+
+@functools.cache
+def sglang_python() -> str | None:
+    """The interpreter that runs SGLang servers in tests: $SGLANG_PYTHON (e.g. .venv-sglang/bin/python,
+    see the README), else this one if it can import sglang; None when neither."""
+    candidate = os.environ.get("SGLANG_PYTHON")
+    if not candidate:
+        return sys.executable if importlib.util.find_spec("sglang") is not None else None
+    probe = subprocess.run([candidate, "-c", "import importlib.util, sys; "
+                            "sys.exit(importlib.util.find_spec('sglang') is None)"], capture_output=True)
+    return candidate if probe.returncode == 0 else None
 
 
 def pytest_collection_modifyitems(config, items):
@@ -16,6 +35,9 @@ def pytest_collection_modifyitems(config, items):
         marker = item.get_closest_marker("gpu")
         if marker is not None and gpus < (marker.args[0] if marker.args else 1):
             item.add_marker(pytest.mark.skip(reason=f"needs {marker.args[0] if marker.args else 1} CUDA GPU(s)"))
+        if item.get_closest_marker("sglang") is not None and sglang_python() is None:
+            item.add_marker(pytest.mark.skip(
+                reason="sglang is not installed: build the SGLang venv and set SGLANG_PYTHON (README, 'SGLang engine')"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -54,3 +76,14 @@ def arith_data_dir(tmp_path_factory) -> Path:
     prepare_data.main(["--task", "arith", "--difficulty", "easy", "--out", str(out),
                        "--train", "2000", "--test", "64", "--seed", "0"])
     return out
+
+
+def cpu_sglang_config(**overrides):
+    """worker.rollout.sglang for a real CPU server in tests (serving-on-cpu.md's flags, float32 so its
+    log-probs match the in-process engine, the import stand-ins of tests/sglang_stubs on its path)."""
+    from megatron_guided.config import SGLangConfig
+
+    settings = dict(device="cpu", dtype="float32", mem_fraction_static=0.05, python=sglang_python() or "",
+                    pythonpath=[str(SGLANG_STUBS)], extra_args=["--max-total-tokens", "65536"],
+                    startup_timeout_s=300.0, request_timeout_s=120.0, env={"OMP_NUM_THREADS": "1"})
+    return SGLangConfig(**(settings | overrides))

@@ -30,9 +30,25 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from megatron_guided.rollout.engine import Completion, GenerationEngine, GenerationRequest
+from megatron_guided.rollout.engine import (
+    AsyncGenerator,
+    Completion,
+    GenerationEngine,
+    GenerationRequest,
+    ServedGenerationEngine,
+)
 
-__all__ = ["AsyncBatchGenerator"]
+__all__ = ["AsyncBatchGenerator", "async_generator"]
+
+
+def async_generator(engine: GenerationEngine, *, window_s: float = 0.002,
+                    max_batch_size: int | None = None) -> AsyncGenerator:
+    """How async code should reach ``engine``: a served engine's own front (its servers batch
+    continuously, so requests go out one by one, with no batch barrier), else micro-batching through an
+    :class:`AsyncBatchGenerator` with ``window_s`` / ``max_batch_size``."""
+    if isinstance(engine, ServedGenerationEngine):
+        return engine.async_generator()
+    return AsyncBatchGenerator(engine, window_s=window_s, max_batch_size=max_batch_size)
 
 
 @dataclass(slots=True)

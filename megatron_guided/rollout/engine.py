@@ -37,11 +37,13 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
 __all__ = [
+    "AsyncGenerator",
     "Completion",
     "FinishReason",
     "GenerationEngine",
     "GenerationRequest",
     "SamplingParams",
+    "ServedGenerationEngine",
 ]
 
 
@@ -175,4 +177,34 @@ class GenerationEngine(Protocol):
 
     def flush_cache(self) -> None:
         """Forget every session's cache."""
+        ...
+
+    def close(self) -> None:
+        """Release what the engine holds (caches; server processes and connections for a served
+        engine). Idempotent."""
+        ...
+
+
+@runtime_checkable
+class AsyncGenerator(Protocol):
+    """One completion per ``await generate(request)``, for async callers (guided rollouts, model
+    verifiers): :class:`~megatron_guided.rollout.batcher.AsyncBatchGenerator` over an in-process engine,
+    or a served engine's own front."""
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        ...
+
+    def release_session(self, session_id: str) -> None:
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
+@runtime_checkable
+class ServedGenerationEngine(GenerationEngine, Protocol):
+    """An engine behind servers that take requests one by one and batch them continuously themselves:
+    async callers use its own front (no batching barrier) instead of micro-batching synchronous calls."""
+
+    def async_generator(self) -> AsyncGenerator:
         ...

@@ -2,11 +2,12 @@
 answers guidance or STOP, the guidance is appended as a user turn, and the policy goes on.
 
 Every sample is its own asyncio task, so samples advance independently: the policy engine is
-reached through an :class:`AsyncBatchGenerator` that batches whatever requests are pending, and
-verifier calls overlap freely. The trajectory is one growing token sequence: policy turns are
-appended as sampled (trainable), the verifier's reply as the chat template's user-turn delta
-(context). Nothing is re-rendered, so the engine's session cache serves the whole prefix of every
-continuation and the trainer sees exactly the sampled tokens.
+reached through an :class:`~megatron_guided.rollout.engine.AsyncGenerator` (for the in-process engine
+an :class:`~megatron_guided.rollout.batcher.AsyncBatchGenerator` batching the pending requests, for
+SGLang the engine's own front), and verifier calls overlap freely. The trajectory is one growing token
+sequence: policy turns are appended as sampled (trainable), the verifier's reply as the chat
+template's user-turn delta (context). Nothing is re-rendered, so the engine's session cache serves the
+whole prefix of every continuation and the trainer sees exactly the sampled tokens.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from dataclasses import dataclass, field
 
 from megatron_guided.config import VerifierConfig
 from megatron_guided.data.dataset import PromptSample
-from megatron_guided.rollout.batcher import AsyncBatchGenerator
-from megatron_guided.rollout.engine import FinishReason, GenerationRequest, SamplingParams
+from megatron_guided.rollout.engine import AsyncGenerator, FinishReason, GenerationRequest, SamplingParams
 from megatron_guided.rollout.plain import finish_status, sample_seed
 from megatron_guided.rollout.trajectory import Trajectory, TrajectoryStatus
 from megatron_guided.verifier.base import Turn, VerdictKind, Verifier, VerifierReply, VerifierRequest
@@ -78,7 +78,7 @@ class GuidedRolloutStats:
 class GuidedRollout:
     """Runs one batch of prompts × n samples, guided as the VerifierConfig says."""
 
-    generator: AsyncBatchGenerator
+    generator: AsyncGenerator
     verifier: Verifier
     cfg: VerifierConfig
     delta: ChatDelta

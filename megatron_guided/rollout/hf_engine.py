@@ -332,6 +332,10 @@ class HFEngine:
     def flush_cache(self) -> None:
         self._sessions.clear()
 
+    def close(self) -> None:
+        """Drop the session caches (the engine holds nothing else; it stays usable)."""
+        self.flush_cache()
+
     @property
     def num_sessions(self) -> int:
         return len(self._sessions)

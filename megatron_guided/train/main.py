@@ -14,7 +14,8 @@ from megatron_guided.config import Config, ConfigError, VerifierConfig, load_con
 from megatron_guided.data.dataset import build_prompt_dataset
 from megatron_guided.logging import setup_logging
 from megatron_guided.reward.function import RewardManager
-from megatron_guided.rollout.batcher import AsyncBatchGenerator
+from megatron_guided.rollout.batcher import async_generator
+from megatron_guided.rollout.engine import GenerationEngine
 from megatron_guided.rollout.guided import ChatDelta, GuidedRollout
 from megatron_guided.rollout.hf_engine import HFEngine
 from megatron_guided.train.backend import TrainBackend
@@ -32,8 +33,6 @@ def build_trainer(cfg: Config) -> Trainer:
     torch.manual_seed(cfg.trainer.seed)
     if cfg.trainer.num_threads > 0:
         torch.set_num_threads(cfg.trainer.num_threads)
-    if cfg.worker.rollout.name != "hf":
-        raise ConfigError("worker.rollout.name=hf is what this build runs; the sglang engine is not available yet")
     model_cfg = cfg.worker.actor.model
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer_path or model_cfg.model_path,
                                               trust_remote_code=model_cfg.trust_remote_code)
@@ -42,19 +41,21 @@ def build_trainer(cfg: Config) -> Trainer:
     val_data = build_prompt_dataset(cfg.data.val_files, cfg.data, tokenizer) if cfg.data.val_files else None
     if val_data is not None and cfg.data.val_max_samples > 0:
         val_data = [val_data[i] for i in range(min(cfg.data.val_max_samples, len(val_data)))]
-    megatron = cfg.worker.actor.strategy == "megatron"  # the ranks train their own copy: the engine takes this one
-    engine = HFEngine((model if megatron else copy.deepcopy(model)).eval(), eos_token_ids=_eos_ids(model, tokenizer),
-                      pad_token_id=tokenizer.pad_token_id, decode=tokenizer.decode,
-                      max_batch_tokens=cfg.worker.rollout.max_num_batched_tokens, seed=cfg.worker.rollout.seed)
-    total_steps = planned_steps(cfg, len(train_data))
-    num_mini = cfg.data.rollout_batch_size // cfg.worker.actor.global_batch_size
-    backend = build_backend(cfg, model, num_mini_batches=num_mini,
-                            total_optimizer_steps=total_steps * num_mini * cfg.worker.actor.ppo_epochs)
-    if megatron and not has_hf_weights(model_cfg.model_path):  # a converted Megatron folder: weights from the ranks
-        engine.update_weights(backend.export_weights())
-    reward = RewardManager(cfg.worker.reward.reward_function, reward_type=cfg.worker.reward.reward_type,
-                           kwargs=cfg.worker.reward.reward_function_kwargs)
-    guided = build_guided_rollout(cfg, engine, tokenizer) if cfg.worker.rollout.verifier.enable else None
+    megatron = cfg.worker.actor.strategy == "megatron"  # the ranks train their own copy: the engine may take this one
+    engine = build_policy_engine(cfg, model, tokenizer, copy_model=not megatron)
+    try:
+        total_steps = planned_steps(cfg, len(train_data))
+        num_mini = cfg.data.rollout_batch_size // cfg.worker.actor.global_batch_size
+        backend = build_backend(cfg, model, num_mini_batches=num_mini,
+                                total_optimizer_steps=total_steps * num_mini * cfg.worker.actor.ppo_epochs)
+        if megatron and not has_hf_weights(model_cfg.model_path):  # a converted Megatron folder: weights from the ranks
+            engine.update_weights(backend.export_weights())
+        reward = RewardManager(cfg.worker.reward.reward_function, reward_type=cfg.worker.reward.reward_type,
+                               kwargs=cfg.worker.reward.reward_function_kwargs)
+        guided = build_guided_rollout(cfg, engine, tokenizer) if cfg.worker.rollout.verifier.enable else None
+    except BaseException:
+        engine.close()  # no servers left behind when the rest of the setup fails
+        raise
     return Trainer(cfg, tokenizer=tokenizer, backend=backend, engine=engine, train_data=train_data,
                    val_data=val_data, reward=reward, guided=guided)
 
@@ -89,17 +90,35 @@ def build_backend(cfg: Config, model: torch.nn.Module, *, num_mini_batches: int,
     return TorchBackend(model, **common)
 
 
-def build_verifier(cfg: VerifierConfig) -> Verifier:
-    """function | model | http (use_http=true selects http, as in the original configs)."""
+
+def build_policy_engine(cfg: Config, model, tokenizer, *, copy_model: bool = True) -> GenerationEngine:
+    """worker.rollout.engine: hf (`model`, or a copy of it when the trainer trains `model` itself, in
+    this process) | sglang (servers on the actor's model_path, weight-synced after every step)."""
+    rollout = cfg.worker.rollout
+    if rollout.engine == "sglang":
+        from megatron_guided.rollout.sglang.engine import SGLangEngine
+
+        return SGLangEngine.from_config(rollout.sglang, model_path=cfg.worker.actor.model.model_path,
+                                        log_dir=cfg.output_dir / "sglang" / "policy",
+                                        weight_sync_dir=cfg.output_dir / "weight_sync")
+    return HFEngine((copy.deepcopy(model) if copy_model else model).eval(), eos_token_ids=_eos_ids(model, tokenizer),
+                    pad_token_id=tokenizer.pad_token_id, decode=tokenizer.decode,
+                    max_batch_tokens=rollout.max_num_batched_tokens, seed=rollout.seed)
+
+
+def build_verifier(cfg: VerifierConfig, *, log_dir: Path = Path("outputs/sglang/verifier")) -> Verifier:
+    """function | model | http (use_http=true selects http, as in the original configs); a model
+    verifier on engine=sglang writes its server logs under `log_dir`."""
     if cfg.use_http or cfg.type == "http":
         return HttpVerifier.from_config(cfg)
     if cfg.type == "model":
-        return ModelVerifier.from_config(cfg)
+        return ModelVerifier.from_config(cfg, log_dir=log_dir)
     return FunctionVerifier.from_config(cfg)
 
 
-def build_guided_rollout(cfg: Config, engine: HFEngine, tokenizer) -> GuidedRollout:
-    return GuidedRollout(generator=AsyncBatchGenerator(engine), verifier=build_verifier(cfg.worker.rollout.verifier),
+def build_guided_rollout(cfg: Config, engine: GenerationEngine, tokenizer) -> GuidedRollout:
+    verifier = build_verifier(cfg.worker.rollout.verifier, log_dir=cfg.output_dir / "sglang" / "verifier")
+    return GuidedRollout(generator=async_generator(engine), verifier=verifier,
                          cfg=cfg.worker.rollout.verifier,
                          delta=ChatDelta(tokenizer=tokenizer, end_of_turn_id=tokenizer.eos_token_id),
                          decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),

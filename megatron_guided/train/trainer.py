@@ -181,9 +181,16 @@ class Trainer:
             self.close()
 
     def close(self) -> None:
-        if self.guided is not None:
-            self.guided.close()
-        self.backend.close()
+        """Close the guided rollout (verifier, event loop), the engine (SGLang servers stop) and the
+        backend (Megatron ranks stop)."""
+        try:
+            if self.guided is not None:
+                self.guided.close()
+        finally:
+            try:
+                self.engine.close()
+            finally:
+                self.backend.close()
 
     def train_one_step(self) -> dict[str, float]:
         self.timings = {}

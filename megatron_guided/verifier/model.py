@@ -6,10 +6,12 @@ verifier's own sampling (``temperature / top_p / top_k / max_tokens`` of :class:
 request gets the next seed of a counter starting at ``seed``), decodes it without special tokens and
 parses it with :func:`~megatron_guided.verifier.base.parse_verifier_text`.
 
-Concurrent ``verify`` calls (one per guided sample) are micro-batched into single engine calls by
-an :class:`~megatron_guided.rollout.batcher.AsyncBatchGenerator`, run in a worker thread so that the
-event loop keeps going. Any exception (rendering, a prompt the engine rejects, ...) becomes a FAILED
-reply.
+Concurrent ``verify`` calls (one per guided sample) reach the engine through
+:func:`~megatron_guided.rollout.batcher.async_generator`: micro-batched into single engine calls in a
+worker thread for the in-process engine (so that the event loop keeps going), sent one by one to a
+served engine (``worker.rollout.verifier.engine=sglang``: the verifier model on its own SGLang
+servers, never weight-synced). Any exception (rendering, a prompt the engine rejects, ...) becomes a
+FAILED reply.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import time
 from typing import Any
 
 from megatron_guided.config import VerifierConfig
-from megatron_guided.rollout.batcher import AsyncBatchGenerator
+from pathlib import Path
+
+from megatron_guided.rollout.batcher import async_generator
 from megatron_guided.rollout.engine import GenerationEngine, GenerationRequest, SamplingParams
 from megatron_guided.verifier.base import (
     DEFAULT_STOP_TOKEN,
@@ -43,29 +47,34 @@ class ModelVerifier:
         stop_token, temperature, top_p, top_k, max_tokens: as in :class:`VerifierConfig`
             (``temperature=0`` is greedy).
         seed: the first per-request seed; request i (in call order) uses ``seed + i``.
-        batch_window_s, max_batch_size: micro-batching (see :class:`AsyncBatchGenerator`).
+        batch_window_s, max_batch_size: micro-batching of an in-process engine (see
+            :class:`~megatron_guided.rollout.batcher.AsyncBatchGenerator`).
+        owns_engine: close the engine in :meth:`aclose` (true when :meth:`from_config` built it).
     """
 
     def __init__(self, engine: GenerationEngine, tokenizer: Any, *, system_prompt: str | None = None,
                  stop_token: str = DEFAULT_STOP_TOKEN, temperature: float = 0.2, top_p: float = 0.95,
                  top_k: int = -1, max_tokens: int = 256, seed: int = 0, batch_window_s: float = 0.002,
-                 max_batch_size: int | None = None) -> None:
+                 max_batch_size: int | None = None, owns_engine: bool = False) -> None:
         self.engine = engine
+        self.owns_engine = owns_engine
         self.tokenizer = tokenizer
         self.stop_token = stop_token
         self.system_prompt = system_prompt if system_prompt is not None else load_system_prompt(
             None, stop_token=stop_token)
         # Validated now, so a bad config fails at start rather than as FAILED replies.
         self.sampling = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-        self.generator = AsyncBatchGenerator(engine, window_s=batch_window_s, max_batch_size=max_batch_size)
+        self.generator = async_generator(engine, window_s=batch_window_s, max_batch_size=max_batch_size)
         self._seeds = itertools.count(seed)
 
     @classmethod
     def from_config(cls, cfg: VerifierConfig, *, engine: GenerationEngine | None = None, tokenizer: Any = None,
-                    seed: int = 0, device: str | None = None, dtype: Any = None) -> ModelVerifier:
-        """Tokenizer from ``cfg.tokenizer_path or cfg.model_path`` (unless given); without `engine`, an
-        :class:`~megatron_guided.rollout.hf_engine.HFEngine` on ``cfg.model_path`` (CUDA in bfloat16
-        when available, else CPU in float32, unless `device` / `dtype` say otherwise)."""
+                    seed: int = 0, device: str | None = None, dtype: Any = None,
+                    log_dir: Path = Path("outputs/sglang/verifier")) -> ModelVerifier:
+        """Tokenizer from ``cfg.tokenizer_path or cfg.model_path`` (unless given); without `engine`, the
+        engine ``cfg.engine`` names on ``cfg.model_path``: SGLang servers from ``cfg.sglang`` (frozen, logs
+        in `log_dir`), or an :class:`~megatron_guided.rollout.hf_engine.HFEngine` (CUDA in bfloat16 when
+        available, else CPU in float32, unless `device` / `dtype` say otherwise)."""
         if tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -73,11 +82,18 @@ class ModelVerifier:
             if not source:
                 raise ValueError("worker.rollout.verifier.model_path (or tokenizer_path) is required for type=model")
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-        if engine is None:
+        owns_engine = engine is None
+        if engine is None and cfg.engine == "sglang":
+            from megatron_guided.rollout.sglang.engine import SGLangEngine
+
+            if not cfg.model_path:
+                raise ValueError("worker.rollout.verifier.model_path is required for verifier.type=model")
+            engine = SGLangEngine.from_config(cfg.sglang, model_path=cfg.model_path, log_dir=log_dir, frozen=True)
+        elif engine is None:
             engine = _build_hf_engine(cfg, tokenizer, seed=seed, device=device, dtype=dtype)
         return cls(engine, tokenizer, system_prompt=load_system_prompt(cfg.prompt_template, stop_token=cfg.stop_token),
                    stop_token=cfg.stop_token, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                   max_tokens=cfg.max_tokens, seed=seed)
+                   max_tokens=cfg.max_tokens, seed=seed, owns_engine=owns_engine)
 
     # ------------------------------------------------------------------------------------------------------
     def render_prompt(self, request: VerifierRequest) -> str:
@@ -107,6 +123,8 @@ class ModelVerifier:
 
     async def aclose(self) -> None:
         await self.generator.aclose()
+        if self.owns_engine:
+            self.engine.close()
 
 
 def _build_hf_engine(cfg: VerifierConfig, tokenizer: Any, *, seed: int, device: str | None, dtype: Any):
