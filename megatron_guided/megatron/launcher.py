@@ -11,7 +11,7 @@ noticed by its exit code, and in both cases every rank is stopped and the driver
 `WorkerGroupError` naming the rank. The group is stopped at interpreter exit too, so no rank
 outlives the trainer.
 
-The Ray worker group (scale-out) implements the same `call` / `call_stream` / `close` interface.
+`megatron_guided.launch.ray_workers.RayWorkerGroup` implements the same `WorkerGroup` interface with Ray actors.
 """
 
 from __future__ import annotations
@@ -27,13 +27,25 @@ import traceback
 import types
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 _ITEM, _DONE, _ERROR = "item", "done", "error"
 
 
 class WorkerGroupError(RuntimeError):
     pass
+
+
+class WorkerGroup(Protocol):
+    """What MegatronBackend drives: `LocalWorkerGroup` here, `launch.ray_workers.RayWorkerGroup` on Ray."""
+
+    world_size: int
+
+    def call(self, method: str, *args, **kwargs) -> list[Any]: ...
+
+    def call_stream(self, method: str, *args, **kwargs) -> Iterator[Any]: ...
+
+    def close(self) -> None: ...
 
 
 def free_port() -> int:
@@ -58,25 +70,34 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
 
 
+def init_rank(*, rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int,
+              threads: int) -> None:
+    """Make this process rank `rank` of the Megatron world: `torch.distributed` on NCCL with a GPU (the
+    `local_rank`-th visible one), on gloo without (after the CPU compatibility layer). Shared by the
+    local processes here and the Ray actors of `megatron_guided.launch`."""
+    _quiet_known_warnings()
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+    import torch
+
+    torch.set_num_threads(threads)
+    from megatron_guided.megatron import compat
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        compat.install()
+        backend = "gloo"
+    torch.distributed.init_process_group(backend, rank=rank, world_size=world_size)
+
+
 def _serve(rank: int, world_size: int, port: int, threads: int, spec, conn) -> None:
     """Body of one rank's process."""
     _die_with_parent()
-    _quiet_known_warnings()
     try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-        import torch
-
-        torch.set_num_threads(threads)
-        from megatron_guided.megatron import compat
-
-        if torch.cuda.is_available():
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-            backend = "nccl"
-        else:
-            compat.install()
-            backend = "gloo"
-        torch.distributed.init_process_group(backend, rank=rank, world_size=world_size)
+        init_rank(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=port, local_rank=rank,
+                  threads=threads)
         from megatron_guided.megatron.worker import MegatronWorker
 
         worker = MegatronWorker(spec)
@@ -101,6 +122,8 @@ def _serve(rank: int, world_size: int, port: int, threads: int, spec, conn) -> N
             conn.send((_DONE, result))
         except BaseException:  # noqa: BLE001
             conn.send((_ERROR, traceback.format_exc()))
+    import torch
+
     torch.distributed.destroy_process_group()
 
 
