@@ -10,12 +10,16 @@ Trainer, resident (the Megatron optimizer as `megatron/worker.py` builds it):
     optimizer    P·(4·[b≠4] + 8) / (d·c)    (fp32 main copy when training in 16 bit, Adam m and v;
                                              sharded over DP×CP by the distributed optimizer, else /1)
     reference    P·b                        (frozen copy, only with a KL term)
-Trainer, activations saved for backward per layer and token (no dropout: Qwen2 has none):
-    none         b·[4h/σ + (2q + k + 3f)/t] + b·a·s/t [eager attention only: the softmax output]
-                 4h: inputs of both norms and both input projections; 2q + k: Q, K, V and the attention
+Trainer, activations saved for backward per layer and token (no dropout: Qwen2 has none), with the
+Transformer Engine spec of GPUs (fused norms, flash attention on un-repeated K/V, fused SwiGLU):
+    none         b·[4h/σ + (2q + k + 3f)/t]
+                 4h: inputs of both norms and of both input projections; 2q + k: Q, K, V and the attention
                  output; 3f: SwiGLU's gate and up outputs and its product; σ = t with sequence parallel, else 1
-    selective    the same without the softmax term (core attention is recomputed; with flash attention
-                 it is never stored anyway)
+    with the local spec of CPU ranks (measured on one, tests/launch/test_memory_plan.py): unfused norms
+    keep their input, the normalised input and the linear's input (6h), K and V are repeated to every
+    query head (4q), SwiGLU keeps five f-wide tensors (5f), and eager attention its softmax (a·s/t):
+                 b·[6h/σ + (4q + 5f + a·s)/t]
+    selective    the same without the softmax term (core attention is recomputed)
     full         b·h/σ (each layer's input) + one layer's `none` activations while it is recomputed
   × layers on the rank, × in-flight micro-batches on the first stage: min(p, M) for 1F1B, times
   (1 + (p-1)/(p·vpp)) interleaved; the last stage adds the logits: T·V/t·(b + 8) (the logits, and the
@@ -135,11 +139,16 @@ class TrainerMemory:
 
 
 def activation_bytes_per_token_layer(arch: Arch, *, tp: int, sequence_parallel: bool, seq_len: int,
-                                     dtype_bytes: int, recompute: str, flash: bool) -> float:
-    """Bytes one layer keeps for backward per token of a micro-batch (formulas in the module docstring)."""
+                                     dtype_bytes: int, recompute: str, fused: bool) -> float:
+    """Bytes one layer keeps for backward per token of a micro-batch (formulas in the module docstring);
+    `fused`: the Transformer Engine spec (GPUs), else the local spec (CPU)."""
     sigma = tp if sequence_parallel else 1
-    none = dtype_bytes * (4 * arch.hidden / sigma + (2 * arch.q + arch.k + 3 * arch.ffn) / tp)
-    scores = 0.0 if flash else dtype_bytes * arch.heads * seq_len / tp
+    if fused:
+        none = dtype_bytes * (4 * arch.hidden / sigma + (2 * arch.q + arch.k + 3 * arch.ffn) / tp)
+        scores = 0.0
+    else:
+        none = dtype_bytes * (6 * arch.hidden / sigma + (4 * arch.q + 5 * arch.ffn) / tp)
+        scores = dtype_bytes * arch.heads * seq_len / tp
     if recompute == "selective":
         return none
     if recompute == "full":
@@ -147,7 +156,7 @@ def activation_bytes_per_token_layer(arch: Arch, *, tp: int, sequence_parallel: 
     return none + scores
 
 
-def trainer_memory(cfg: Config, arch: Arch, *, flash: bool) -> TrainerMemory:
+def trainer_memory(cfg: Config, arch: Arch, *, fused: bool) -> TrainerMemory:
     actor, mg = cfg.worker.actor, cfg.worker.actor.megatron
     b = DTYPE_BYTES[actor.model.dtype]
     tp, pp, cp, dp = mg.tp, mg.pp, mg.cp, mg.dp
@@ -172,12 +181,12 @@ def trainer_memory(cfg: Config, arch: Arch, *, flash: bool) -> TrainerMemory:
     for mode in ("", "selective", "full"):
         per_layer = activation_bytes_per_token_layer(arch, tp=tp, sequence_parallel=mg.sequence_parallel,
                                                      seq_len=min(seq_len, tokens), dtype_bytes=b, recompute=mode,
-                                                     flash=flash)
+                                                     fused=fused)
         stage = tokens * layers * per_layer
         if mode == "full":  # one layer's activations live again while it is recomputed
             stage += tokens * activation_bytes_per_token_layer(
                 arch, tp=tp, sequence_parallel=mg.sequence_parallel, seq_len=min(seq_len, tokens),
-                dtype_bytes=b, recompute="", flash=flash)
+                dtype_bytes=b, recompute="", fused=fused)
         logits = tokens * vocab / tp * (b + 8)
         by_recompute[mode or "none"] = max(stage * in_flight, stage + logits) if pp > 1 else stage + logits
     return TrainerMemory(params=params, weights=params * b, grads=params * 4.0,
@@ -225,7 +234,7 @@ def plan_memory(cfg: Config) -> Plan:
     gpu = cl.gpu_memory_gb * GIB
     usable = gpu * cl.usable_memory_fraction
     arch = load_arch(cfg.worker.actor.model.model_path, "worker.actor.model.model_path")
-    trainer = trainer_memory(cfg, arch, flash=cl.gpus_per_node > 0)
+    trainer = trainer_memory(cfg, arch, fused=cl.gpus_per_node > 0)
     problems = []
     if trainer.peak > usable:
         problems.append(
@@ -246,7 +255,7 @@ def plan_memory(cfg: Config) -> Plan:
         tp = placement.gpus_per_engine
         weights, kv_per_token = engine_weights_and_kv(engine_arch, tp)
         if placement.placement == "colocate":
-            count = cl.gpus_per_node * (cl.nodes - sum(getattr(cl, k).nodes for k, _ in kinds)) // tp
+            count = max(1, cl.gpus_per_node * (cl.nodes - sum(getattr(cl, k).nodes for k, _ in kinds)) // tp)
             kv_cache = (usable - trainer.resident - colocated_weights) / len(colocated)
         else:
             count = placement.nodes * cl.gpus_per_node // tp
