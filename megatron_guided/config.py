@@ -113,8 +113,6 @@ class MegatronConfig:
     """Token budget of one micro-batch per rank; 0 = worker.actor.max_token_len_per_micro_batch."""
     make_vocab_size_divisible_by: int = 128
     """The vocabulary is padded to a multiple of this × tp (padded logits are masked out)."""
-    master_port: int = 0
-    """Rendezvous port of the local worker group; 0 = pick a free one."""
 
 
 @dataclass(kw_only=True)
@@ -360,11 +358,58 @@ class TrainerConfig:
 
 
 @dataclass(kw_only=True)
+class EnginePlacementConfig:
+    """cluster.policy_engine.* / cluster.verifier_engine.*: where one kind of generation engine runs."""
+
+    placement: str = "colocate"
+    """colocate (on the trainer's GPUs, time-shared: the engine releases its memory during the update) |
+    separate (on `nodes` nodes of its own)."""
+    nodes: int = 0
+    """separate: how many whole nodes the engines get (0 with colocate)."""
+    gpus_per_engine: int = 1
+    """GPUs of one engine, its tensor-parallel size (SGLang tp); engines = their GPUs / gpus_per_engine."""
+    cpus_per_engine: int = 1
+    """Ray CPUs reserved for each engine actor."""
+    memory_fraction: float = 0.85
+    """separate: share of each GPU the engine takes for weights + KV cache (SGLang mem_fraction_static);
+    colocated engines get what the trainer's resident state leaves."""
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    """cluster.*: where the ranks and engines run (megatron_guided.launch) and what the memory planner
+    (tools/plan_memory.py) plans for. The default is this machine, no Ray."""
+
+    launcher: str = "local"
+    """local (Megatron ranks as local processes, engines in this process) | ray (ranks and the policy
+    engine as Ray actors in placement groups)."""
+    ray_address: str = ""
+    """launcher=ray: "" starts a private Ray instance on this machine; "auto" or host:port joins a running
+    cluster (what slurm/*.sh start)."""
+    nodes: int = 1
+    """Nodes of the allocation (trainer nodes + the engines' own nodes)."""
+    gpus_per_node: int = 0
+    """0 = CPU: every rank is a process with cpus_per_rank Ray CPUs, gloo between them."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU (GiB), for the planner."""
+    usable_memory_fraction: float = 0.92
+    """Share of each GPU the planner may fill (the rest: CUDA context, NCCL buffers, fragmentation)."""
+    cpus_per_rank: int = 1
+    """Ray CPUs (and torch threads on CPU) of each Megatron rank."""
+    start_timeout: float = 600.0
+    """Seconds for placement groups and ranks to come up before the run fails."""
+    policy_engine: EnginePlacementConfig = field(default_factory=EnginePlacementConfig)
+    verifier_engine: EnginePlacementConfig = field(default_factory=EnginePlacementConfig)
+    """Used by model verifiers (worker.rollout.verifier.type=model) on GPUs."""
+
+
+@dataclass(kw_only=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def output_dir(self) -> Path:
@@ -435,6 +480,48 @@ def _validate_sglang(key: str, sg: SGLangConfig) -> None:
         raise ConfigError(f"{key}.port and {key}.master_port must be in [0, 65535]")
 
 
+def _validate_cluster(cluster: ClusterConfig, mg: MegatronConfig, *, megatron: bool) -> None:
+    """Static checks of cluster.*: the trainer's ranks fill its nodes' GPUs exactly and a TP group never
+    spans nodes (its all-reduces need NVLink)."""
+    _check_choice("cluster.launcher", cluster.launcher, ("local", "ray"))
+    for key in ("nodes", "cpus_per_rank"):
+        if getattr(cluster, key) < 1:
+            raise ConfigError(f"cluster.{key}={getattr(cluster, key)} must be >= 1")
+    if cluster.gpus_per_node < 0:
+        raise ConfigError(f"cluster.gpus_per_node={cluster.gpus_per_node} must be >= 0 (0 = CPU)")
+    if not 0 < cluster.usable_memory_fraction <= 1:
+        raise ConfigError(f"cluster.usable_memory_fraction={cluster.usable_memory_fraction} must be in (0, 1]")
+    engine_nodes = 0
+    for name in ("policy_engine", "verifier_engine"):
+        engine, key = getattr(cluster, name), f"cluster.{name}"
+        _check_choice(f"{key}.placement", engine.placement, ("colocate", "separate"))
+        if (engine.placement == "separate") != (engine.nodes > 0):
+            raise ConfigError(f"{key}.nodes={engine.nodes}: separate engines need nodes >= 1, colocated ones 0")
+        if engine.gpus_per_engine < 1 or engine.cpus_per_engine < 1:
+            raise ConfigError(f"{key}.gpus_per_engine and cpus_per_engine must be >= 1")
+        if cluster.gpus_per_node and cluster.gpus_per_node % engine.gpus_per_engine:
+            raise ConfigError(f"{key}.gpus_per_engine={engine.gpus_per_engine} must divide "
+                              f"cluster.gpus_per_node={cluster.gpus_per_node} (an engine stays on one node)")
+        if not 0 < engine.memory_fraction <= 1:
+            raise ConfigError(f"{key}.memory_fraction={engine.memory_fraction} must be in (0, 1]")
+        engine_nodes += engine.nodes
+    if engine_nodes >= cluster.nodes:
+        raise ConfigError(f"cluster.nodes={cluster.nodes} leaves no node for the trainer after the engines' "
+                          f"own {engine_nodes}; raise cluster.nodes or colocate an engine")
+    if cluster.gpus_per_node and megatron:
+        world, gpus = mg.tp * mg.pp * mg.cp * mg.dp, (cluster.nodes - engine_nodes) * cluster.gpus_per_node
+        if world != gpus:
+            raise ConfigError(f"worker.actor.megatron tp·pp·cp·dp = {world} ranks must fill the trainer's "
+                              f"{cluster.nodes - engine_nodes} node(s) × cluster.gpus_per_node="
+                              f"{cluster.gpus_per_node} = {gpus} GPUs; change dp (or tp/pp/cp) or the node counts")
+        if cluster.gpus_per_node % mg.tp:
+            raise ConfigError(f"worker.actor.megatron.tp={mg.tp} must divide cluster.gpus_per_node="
+                              f"{cluster.gpus_per_node} (a TP group stays on one node)")
+    if cluster.launcher == "ray" and not megatron:
+        raise ConfigError("cluster.launcher=ray places Megatron ranks: set worker.actor.strategy=megatron "
+                          "(the torch strategy trains in this process)")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the dotted key and the fix."""
     data, actor, rollout = cfg.data, cfg.worker.actor, cfg.worker.rollout
@@ -445,6 +532,7 @@ def validate(cfg: Config) -> None:
     _check_choice("worker.actor.loss_avg_mode", actor.loss_avg_mode, LOSS_AVG_MODES)
     _check_choice("worker.actor.strategy", actor.strategy, ("torch", "megatron"))
     _validate_megatron(actor.megatron)
+    _validate_cluster(cfg.cluster, actor.megatron, megatron=actor.strategy == "megatron")
     _check_choice("worker.actor.model.dtype", actor.model.dtype, ("float32", "bfloat16", "float16"))
     _check_choice("worker.actor.optim.lr_scheduler_type", actor.optim.lr_scheduler_type,
                   ("constant", "linear", "cosine"))

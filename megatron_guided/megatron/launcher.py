@@ -11,7 +11,7 @@ noticed by its exit code, and in both cases every rank is stopped and the driver
 `WorkerGroupError` naming the rank. The group is stopped at interpreter exit too, so no rank
 outlives the trainer.
 
-The Ray worker group (scale-out) implements the same `call` / `call_stream` / `close` interface.
+`megatron_guided.launch.ray_workers.RayWorkerGroup` implements the same `WorkerGroup` interface with Ray actors.
 """
 
 from __future__ import annotations
@@ -20,20 +20,34 @@ import atexit
 import ctypes
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import traceback
 import types
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 _ITEM, _DONE, _ERROR = "item", "done", "error"
 
 
 class WorkerGroupError(RuntimeError):
     pass
+
+
+class WorkerGroup(Protocol):
+    """What MegatronBackend drives: `LocalWorkerGroup` here, `launch.ray_workers.RayWorkerGroup` on Ray."""
+
+    world_size: int
+
+    def call(self, method: str, *args, **kwargs) -> list[Any]: ...
+
+    def call_stream(self, method: str, *args, **kwargs) -> Iterator[Any]: ...
+
+    def close(self) -> None: ...
 
 
 def free_port() -> int:
@@ -58,25 +72,35 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf")
 
 
-def _serve(rank: int, world_size: int, port: int, threads: int, spec, worker_class, conn) -> None:
+def init_rank(*, rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int,
+              threads: int, init_method: str = "env://") -> None:
+    """Make this process rank `rank` of the Megatron world: `torch.distributed` on NCCL with a GPU (the
+    `local_rank`-th visible one), on gloo without (after the CPU compatibility layer). Shared by the
+    local processes here (which meet through a file: no port to race for) and the Ray actors of
+    `megatron_guided.launch` (which meet at master_addr:master_port)."""
+    _quiet_known_warnings()
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+    import torch
+
+    torch.set_num_threads(threads)
+    from megatron_guided.megatron import compat
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        compat.install()
+        backend = "gloo"
+    torch.distributed.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+
+
+def _serve(rank: int, world_size: int, rendezvous: str, threads: int, spec, worker_class, conn) -> None:
     """Body of one rank's process: `worker_class(spec)` (default `MegatronWorker`) serves the calls."""
     _die_with_parent()
-    _quiet_known_warnings()
     try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-        import torch
-
-        torch.set_num_threads(threads)
-        from megatron_guided.megatron import compat
-
-        if torch.cuda.is_available():
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-            backend = "nccl"
-        else:
-            compat.install()
-            backend = "gloo"
-        torch.distributed.init_process_group(backend, rank=rank, world_size=world_size)
+        init_rank(rank=rank, world_size=world_size, master_addr="127.0.0.1", master_port=0, local_rank=rank,
+                  threads=threads, init_method=f"file://{rendezvous}")
         if worker_class is None:
             from megatron_guided.megatron.worker import MegatronWorker as worker_class
 
@@ -102,6 +126,8 @@ def _serve(rank: int, world_size: int, port: int, threads: int, spec, worker_cla
             conn.send((_DONE, result))
         except BaseException:  # noqa: BLE001
             conn.send((_ERROR, traceback.format_exc()))
+    import torch
+
     torch.distributed.destroy_process_group()
 
 
@@ -109,16 +135,17 @@ class LocalWorkerGroup:
     """`world_size` ranks on this machine, each running a `MegatronWorker(spec)`, or `worker_class(spec)`
     (a picklable top-level class, e.g. the conversion verifier's)."""
 
-    def __init__(self, spec, *, world_size: int, master_port: int = 0, threads_per_rank: int = 0,
-                 start_timeout: float = 600.0, worker_class: type | None = None):
+    def __init__(self, spec, *, world_size: int, threads_per_rank: int = 0, start_timeout: float = 600.0,
+                 worker_class: type | None = None):
         ctx = mp.get_context("spawn")
-        port = master_port or free_port()
+        self._rendezvous_dir = tempfile.mkdtemp(prefix="megatron-guided-rendezvous-")
+        rendezvous = os.path.join(self._rendezvous_dir, "store")
         threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
         self.timeout = start_timeout
         self.conns, self.procs = [], []
         for rank in range(world_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(rank, world_size, port, threads, spec, worker_class, child),
+            proc = ctx.Process(target=_serve, args=(rank, world_size, rendezvous, threads, spec, worker_class, child),
                                name=f"megatron-rank{rank}")
             proc.start()
             child.close()
@@ -200,3 +227,4 @@ class LocalWorkerGroup:
         for conn in self.conns:
             conn.close()
         self.conns, self.procs = [], []
+        shutil.rmtree(self._rendezvous_dir, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,17 +37,25 @@ def build_trainer(cfg: Config) -> Trainer:
     model_cfg = cfg.worker.actor.model
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer_path or model_cfg.model_path,
                                               trust_remote_code=model_cfg.trust_remote_code)
-    model = load_policy(cfg)
+    megatron = cfg.worker.actor.strategy == "megatron"
+    model, start_group = None, None
+    if cfg.cluster.launcher == "ray":  # the engine and the ranks load the policy where they run
+        from megatron_guided.launch.ray_run import start_on_ray
+
+        engine, start_group = start_on_ray(cfg, engine_factory=partial(build_policy_engine, cfg))
+    else:
+        if not (megatron and cfg.worker.rollout.engine == "sglang"):  # someone in this process needs the HF model
+            model = load_policy(cfg)
+        # megatron: the ranks train their own copy, so the in-process engine may take this one
+        engine = build_policy_engine(cfg, model, tokenizer, copy_model=not megatron)
     train_data = build_prompt_dataset(cfg.data.train_files, cfg.data, tokenizer)
     val_data = build_prompt_dataset(cfg.data.val_files, cfg.data, tokenizer) if cfg.data.val_files else None
     if val_data is not None and cfg.data.val_max_samples > 0:
         val_data = [val_data[i] for i in range(min(cfg.data.val_max_samples, len(val_data)))]
-    megatron = cfg.worker.actor.strategy == "megatron"  # the ranks train their own copy: the engine may take this one
-    engine = build_policy_engine(cfg, model, tokenizer, copy_model=not megatron)
     try:
         total_steps = planned_steps(cfg, len(train_data))
         num_mini = cfg.data.rollout_batch_size // cfg.worker.actor.global_batch_size
-        backend = build_backend(cfg, model, num_mini_batches=num_mini,
+        backend = build_backend(cfg, model, num_mini_batches=num_mini, start_group=start_group,
                                 total_optimizer_steps=total_steps * num_mini * cfg.worker.actor.ppo_epochs)
         if megatron and not has_hf_weights(model_cfg.model_path):  # a converted Megatron folder: weights from the ranks
             engine.update_weights(backend.export_weights())
@@ -76,9 +85,10 @@ def load_policy(cfg: Config) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
-def build_backend(cfg: Config, model: torch.nn.Module, *, num_mini_batches: int,
-                  total_optimizer_steps: int) -> TrainBackend:
-    """worker.actor.strategy: torch (trains `model` here) | megatron (ranks load model_path themselves)."""
+def build_backend(cfg: Config, model: torch.nn.Module | None, *, num_mini_batches: int, total_optimizer_steps: int,
+                  start_group=None) -> TrainBackend:
+    """worker.actor.strategy: torch (trains `model` here) | megatron (ranks load model_path themselves,
+    started by `start_group` when given: see MegatronBackend)."""
     actor = cfg.worker.actor
     common = dict(actor=actor, algorithm=cfg.algorithm, temperature=cfg.worker.rollout.temperature,
                   num_mini_batches=num_mini_batches, total_optimizer_steps=total_optimizer_steps,
@@ -86,21 +96,27 @@ def build_backend(cfg: Config, model: torch.nn.Module, *, num_mini_batches: int,
     if actor.strategy == "megatron":
         from megatron_guided.train.megatron_backend import MegatronBackend
 
-        return MegatronBackend(model_path=actor.model.model_path, seed=cfg.trainer.seed, **common)
+        return MegatronBackend(model_path=actor.model.model_path, seed=cfg.trainer.seed, start_group=start_group,
+                               **common)
     return TorchBackend(model, **common)
 
 
-
-def build_policy_engine(cfg: Config, model, tokenizer, *, copy_model: bool = True) -> GenerationEngine:
-    """worker.rollout.engine: hf (`model`, or a copy of it when the trainer trains `model` itself, in
-    this process) | sglang (servers on the actor's model_path, weight-synced after every step)."""
-    rollout = cfg.worker.rollout
+def build_policy_engine(cfg: Config, model: torch.nn.Module | None = None, tokenizer=None, *,
+                        copy_model: bool = False) -> GenerationEngine:
+    """worker.rollout.engine: sglang (servers on the actor's model_path, weight-synced after every step) |
+    hf (in this process, on `model` or a copy of it when the trainer trains `model` itself; loaded from
+    worker.actor.model when None, e.g. inside a Ray actor)."""
+    rollout, model_cfg = cfg.worker.rollout, cfg.worker.actor.model
     if rollout.engine == "sglang":
         from megatron_guided.rollout.sglang.engine import SGLangEngine
 
-        return SGLangEngine.from_config(rollout.sglang, model_path=cfg.worker.actor.model.model_path,
+        return SGLangEngine.from_config(rollout.sglang, model_path=model_cfg.model_path,
                                         log_dir=cfg.output_dir / "sglang" / "policy",
                                         weight_sync_dir=cfg.output_dir / "weight_sync")
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer_path or model_cfg.model_path,
+                                                  trust_remote_code=model_cfg.trust_remote_code)
+    model = load_policy(cfg) if model is None else model
     return HFEngine((copy.deepcopy(model) if copy_model else model).eval(), eos_token_ids=_eos_ids(model, tokenizer),
                     pad_token_id=tokenizer.pad_token_id, decode=tokenizer.decode,
                     max_batch_tokens=rollout.max_num_batched_tokens, seed=rollout.seed)

@@ -8,7 +8,7 @@ worker group (local processes, or Ray actors when scaled out), which run
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from megatron_guided.config import ActorConfig, AlgorithmConfig
-from megatron_guided.megatron.launcher import LocalWorkerGroup
+from megatron_guided.megatron.launcher import LocalWorkerGroup, WorkerGroup
 from megatron_guided.megatron.layout import ParallelLayout
 from megatron_guided.megatron.worker import WorkerSpec
 from megatron_guided.train.batch import TrainBatch
@@ -25,16 +25,19 @@ from megatron_guided.train.batch import TrainBatch
 class MegatronBackend:
     def __init__(self, *, model_path: str, actor: ActorConfig, algorithm: AlgorithmConfig, temperature: float,
                  num_mini_batches: int, total_optimizer_steps: int, max_response_length: int, seed: int = 1,
-                 group=None):
+                 start_group: Callable[[WorkerSpec], WorkerGroup] | None = None):
+        """`start_group(spec)` starts the ranks (`launch.ray_workers.RayWorkerGroup` under Ray); by default
+        they are local processes (`LocalWorkerGroup`)."""
         self.actor, self.model_path = actor, model_path
         self.num_mini_batches = num_mini_batches
         self.needs_ref = algorithm.kl_coef > 0
         spec = WorkerSpec(model_path=model_path, actor=actor, algorithm=algorithm, temperature=temperature,
                           num_mini_batches=num_mini_batches, total_optimizer_steps=total_optimizer_steps,
                           max_response_length=max_response_length, seed=seed)
-        layout = ParallelLayout.from_config(actor.megatron)
-        self.group = group or LocalWorkerGroup(spec, world_size=layout.world_size,
-                                               master_port=actor.megatron.master_port)
+        if start_group is None:
+            self.group = LocalWorkerGroup(spec, world_size=ParallelLayout.from_config(actor.megatron).world_size)
+        else:
+            self.group = start_group(spec)
 
     @property
     def recompute_old_logprobs(self) -> bool:
