@@ -45,6 +45,13 @@ class TorchBackend:
                  temperature: float, num_mini_batches: int, total_optimizer_steps: int,
                  max_response_length: int):
         self.model = model
+        # transformers builds the input embedding with padding_idx=pad_token_id, which freezes that row's
+        # lookup gradient. In a trajectory the pad token can be a real token (Qwen's pad is <|endoftext|>);
+        # padded positions never reach a loss anyway (right padding, causal). Train it like any token, as
+        # Megatron does: the two backends then give the same update.
+        embeddings = model.get_input_embeddings()
+        if getattr(embeddings, "padding_idx", None) is not None:
+            embeddings.padding_idx = None
         self.actor, self.algorithm = actor, algorithm
         self.temperature = temperature
         self.num_mini_batches = num_mini_batches

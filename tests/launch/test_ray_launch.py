@@ -17,10 +17,7 @@ pytest.importorskip("megatron.core")
 pytestmark = [pytest.mark.megatron, pytest.mark.ray]
 
 LOSS_TOL = 1e-6  # fp32; measured: the losses are equal to the last digit (differences 0.0)
-GRAD_NORM_RTOL = 5e-3
-"""Megatron's step-1 grad norm on this tiny model is 2.4e-3 (relative) above TorchBackend's, with local
-processes as well as on Ray (both give 1.7279611851…, bit for bit): a backend difference, not a launch
-one; step 2 agrees to 4e-6."""
+GRAD_NORM_TOL = 1e-5
 
 
 def guided_two_steps(model_dir, data_dir, tmp_path) -> list[str]:
@@ -53,7 +50,7 @@ def test_two_guided_steps_on_ray_match_single_process(tiny_model_dir, arith_data
         assert have["response_length/mean"] == want["response_length/mean"]
         for key in ("actor/loss", "actor/entropy", "reward/overall"):
             assert have[key] == pytest.approx(want[key], abs=LOSS_TOL), key
-        assert have["actor/grad_norm"] == pytest.approx(want["actor/grad_norm"], rel=GRAD_NORM_RTOL)
+        assert have["actor/grad_norm"] == pytest.approx(want["actor/grad_norm"], abs=GRAD_NORM_TOL)
     assert (tmp_path / "ray" / "ckpt" / "global_step_2" / "dist_ckpt").is_dir()
 
 

@@ -30,8 +30,8 @@ def trajectories(vocab: int, count: int = 6) -> list[Trajectory]:
         prompt = torch.randint(1, vocab, (3 + i % 3,), generator=gen).tolist()
         traj = Trajectory(prompt_ids=prompt, group_id=i // 3, sample_seed=i)
         traj.append(torch.randint(1, vocab, (4 + i,), generator=gen).tolist(), [-1.0] * (4 + i), trainable=True)
-        if i % 2:  # verifier context, then another policy turn
-            traj.append([5, 6], None, trainable=False)
+        if i % 2:  # verifier context (starting with token 0, the tiny tokenizer's pad), then another policy turn
+            traj.append([0, 6], None, trainable=False)
             traj.append([7, 8, 9], [-0.5] * 3, trainable=True)
         out.append(traj)
     return out
