@@ -381,8 +381,9 @@ class ClusterConfig:
     (tools/plan_memory.py) plans for. The default is this machine, no Ray."""
 
     launcher: str = "local"
-    """local (Megatron ranks as local processes, engines in this process) | ray (ranks and the policy
-    engine as Ray actors in placement groups)."""
+    """local (Megatron ranks as local processes, engines in this process) | ray (ranks and engines as Ray
+    actors in placement groups: the HF policy engine, or one SGLang server per policy_engine /
+    verifier_engine slot)."""
     ray_address: str = ""
     """launcher=ray: "" starts a private Ray instance on this machine; "auto" or host:port joins a running
     cluster (what slurm/*.sh start)."""
@@ -420,6 +421,17 @@ class Config:
     def checkpoint_dir(self) -> Path:
         t = self.trainer
         return Path(t.save_checkpoint_path or f"checkpoints/{t.project_name}/{t.experiment_name}")
+
+    def sglang_engines(self) -> dict[str, tuple[str, SGLangConfig]]:
+        """The run's SGLang engines by placement kind (a `cluster.*` key): policy_engine → ("worker.rollout.sglang",
+        its config), and verifier_engine likewise when a model verifier is served by SGLang."""
+        rollout, verifier = self.worker.rollout, self.worker.rollout.verifier
+        engines = {}
+        if rollout.engine == "sglang":
+            engines["policy_engine"] = ("worker.rollout.sglang", rollout.sglang)
+        if verifier.enable and verifier.type == "model" and not verifier.use_http and verifier.engine == "sglang":
+            engines["verifier_engine"] = ("worker.rollout.verifier.sglang", verifier.sglang)
+        return engines
 
 
 ADV_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus")
@@ -522,6 +534,23 @@ def _validate_cluster(cluster: ClusterConfig, mg: MegatronConfig, *, megatron: b
                           "(the torch strategy trains in this process)")
 
 
+def _validate_ray_sglang(cfg: Config) -> None:
+    """cluster.launcher=ray starts one SGLang server per engine slot of the plan, on the slot's GPUs."""
+    if cfg.cluster.launcher != "ray":
+        return
+    for kind, (key, sg) in cfg.sglang_engines().items():
+        gpus = getattr(cfg.cluster, kind).gpus_per_engine
+        if sg.tp_size != gpus:
+            raise ConfigError(f"{key}.tp_size={sg.tp_size} must equal cluster.{kind}.gpus_per_engine={gpus}: with "
+                              f"cluster.launcher=ray each engine slot runs one server over the slot's GPUs")
+        if sg.urls:
+            raise ConfigError(f"{key}.urls attaches to running servers, but cluster.launcher=ray starts them in "
+                              f"the cluster.{kind} slots; leave {key}.urls empty")
+        if sg.num_replicas != 1:
+            raise ConfigError(f"{key}.num_replicas={sg.num_replicas}: with cluster.launcher=ray the servers are "
+                              f"the cluster.{kind} slots (one each); leave num_replicas=1")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises ConfigError naming the dotted key and the fix."""
     data, actor, rollout = cfg.data, cfg.worker.actor, cfg.worker.rollout
@@ -540,6 +569,7 @@ def validate(cfg: Config) -> None:
     _check_choice("worker.rollout.verifier.engine", rollout.verifier.engine, ("hf", "sglang"))
     _validate_sglang("worker.rollout.sglang", rollout.sglang)
     _validate_sglang("worker.rollout.verifier.sglang", rollout.verifier.sglang)
+    _validate_ray_sglang(cfg)
     _check_choice("worker.reward.reward_type", cfg.worker.reward.reward_type, ("batch", "sequential"))
     _check_choice("trainer.wandb_mode", trainer.wandb_mode, ("offline", "online"))
     for name in trainer.logger:

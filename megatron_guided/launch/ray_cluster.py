@@ -21,6 +21,9 @@ from megatron_guided.launch.placement import PlacementPlan, Slot
 from megatron_guided.megatron.launcher import WorkerGroupError
 
 PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+CLOSE_TIMEOUT_S = 30.0
+"""How long `RayCluster.close` waits for the actors' own `close()` before killing them."""
+GPU_PROBE_SHARE = 0.01
 
 
 class RayCluster:
@@ -63,8 +66,22 @@ class RayCluster:
         self.actors.append((name, actor))
         return actor
 
+    def bundle_gpu_ids(self, group: int, bundles: range) -> list[str]:
+        """The GPU Ray assigned to each of `bundles` of placement group `group`, asked by a zero-CPU task
+        claiming a sliver of each bundle's GPU (a colocated engine spans the GPUs of several ranks' bundles
+        but holds a share of the first one only)."""
+        probe = ray.remote(num_cpus=0, num_gpus=GPU_PROBE_SHARE)(_gpu_ids)
+        refs = [probe.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=self.groups[group], placement_group_bundle_index=b)).remote() for b in bundles]
+        return [gpu for ids in ray.get(refs) for gpu in ids]
+
     def close(self) -> None:
-        """Kill every actor, remove the placement groups, stop Ray if this session started it; idempotent."""
+        """Let every actor with a `close()` release what it holds (an SGLang server actor stops its server),
+        for at most `CLOSE_TIMEOUT_S`; then kill every actor, remove the placement groups and stop Ray if
+        this session started it. Idempotent."""
+        closing = [actor.close.remote() for _, actor in self.actors if hasattr(actor, "close")]
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
         for _, actor in self.actors:
             ray.kill(actor, no_restart=True)
         for group in self.groups:
@@ -73,3 +90,7 @@ class RayCluster:
         if self.owns_ray and ray.is_initialized():
             ray.shutdown()
         self.owns_ray = False
+
+
+def _gpu_ids() -> list[str]:
+    return [str(i) for i in ray.get_gpu_ids()]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import logging
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,10 +38,10 @@ def build_trainer(cfg: Config) -> Trainer:
                                               trust_remote_code=model_cfg.trust_remote_code)
     megatron = cfg.worker.actor.strategy == "megatron"
     model, start_group = None, None
-    if cfg.cluster.launcher == "ray":  # the engine and the ranks load the policy where they run
+    if cfg.cluster.launcher == "ray":  # the engines and the ranks load their models where they run
         from megatron_guided.launch.ray_run import start_on_ray
 
-        engine, start_group = start_on_ray(cfg, engine_factory=partial(build_policy_engine, cfg))
+        cfg, engine, start_group = start_on_ray(cfg, engine_factory=build_policy_engine)
     else:
         if not (megatron and cfg.worker.rollout.engine == "sglang"):  # someone in this process needs the HF model
             model = load_policy(cfg)

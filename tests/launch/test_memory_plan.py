@@ -50,7 +50,7 @@ def test_plans_that_do_not_fit_are_refused(capsys):
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "trainer:" in out
     plan = plan_memory(load_config(["config=examples/qwen2_5_72b_guided_grpo.yaml",
-                                    "cluster.policy_engine.gpus_per_engine=1"]))
+                                    "cluster.policy_engine.gpus_per_engine=1", "worker.rollout.sglang.tp_size=1"]))
     assert any("policy_engine" in p and "KV-cache tokens" in p for p in plan.problems)
 
 

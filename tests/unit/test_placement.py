@@ -3,6 +3,8 @@ colocated engines share the ranks' bundles, separate engines get whole nodes; co
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from megatron_guided.config import ConfigError, load_config
@@ -56,6 +58,32 @@ def test_cpu_plan_is_one_node_with_one_engine():
 def test_cluster_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace("·", ".").replace("(", r"\(")):
         load_config(["worker.actor.strategy=megatron", *overrides])
+
+
+VERIFIER_ON_SGLANG = ["worker.rollout.verifier.enable=true", "worker.rollout.verifier.type=model",
+                      "worker.rollout.verifier.model_path=m", "worker.rollout.verifier.engine=sglang"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["worker.rollout.sglang.tp_size=2"],
+     "worker.rollout.sglang.tp_size=2 must equal cluster.policy_engine.gpus_per_engine=1"),
+    ([*VERIFIER_ON_SGLANG, "cluster.verifier_engine.gpus_per_engine=2"],
+     "worker.rollout.verifier.sglang.tp_size=1 must equal cluster.verifier_engine.gpus_per_engine=2"),
+    (["worker.rollout.sglang.urls=[http://h:1]"], "leave worker.rollout.sglang.urls empty"),
+    (["worker.rollout.sglang.num_replicas=2"], "the cluster.policy_engine slots"),
+])
+def test_sglang_servers_on_ray_fit_their_slots(overrides, message):
+    """Under Ray each engine slot runs one SGLang server over the slot's GPUs."""
+    args = ["worker.actor.strategy=megatron", "cluster.launcher=ray", "worker.rollout.engine=sglang", *overrides]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(args)
+    load_config([a for a in args if a != "cluster.launcher=ray"])  # the local launcher starts them itself
+
+
+def test_the_example_configs_serve_their_engines_from_their_slots():
+    for name in ("7b", "32b", "72b"):
+        cfg = load_config([f"config=examples/qwen2_5_{name}_guided_grpo.yaml"])
+        assert set(cfg.sglang_engines()) == {"policy_engine", "verifier_engine"}
 
 
 def test_ray_launcher_needs_the_megatron_strategy():
