@@ -1,20 +1,23 @@
-"""SGLang engines placed by Ray, end to end on CPU: a private Ray instance, 2 Megatron ranks (TP=2 on
+"""SGLang engines placed by Ray. End to end on CPU: a private Ray instance, 2 Megatron ranks (TP=2 on
 gloo), and the policy's and the model verifier's SGLang servers each launched by an actor in its engine
 slot; the driver's engines attach to the URLs the actors report. Two guided GRPO steps run (the policy
-server weight-synced after each), and no SGLang process is left afterwards. Needs the SGLang venv
-(SGLANG_PYTHON, see the README), skipped otherwise."""
+server weight-synced after each), and no SGLang process is left afterwards (needs the SGLang venv,
+SGLANG_PYTHON, see the README; skipped otherwise). And the actors' teardown, with the fake server of
+tests/servers/fake_sglang: a closed cluster and a killed actor both leave no server behind."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from megatron_guided.config import load_config
+from megatron_guided.config import ClusterConfig, SGLangConfig, load_config
+from megatron_guided.launch.placement import plan_placement
 from megatron_guided.train.main import build_trainer
 from tests.integration.test_grpo_loop import read_metrics
 from tests.integration.test_sglang_grpo import sglang_overrides, sglang_pids, wait_gone
@@ -22,7 +25,9 @@ from tests.launch.test_ray_launch import guided_two_steps
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("megatron.core")
-pytestmark = [pytest.mark.megatron, pytest.mark.ray, pytest.mark.sglang]
+pytestmark = pytest.mark.ray
+
+FAKE_SGLANG = Path(__file__).resolve().parents[1] / "servers" / "fake_sglang"
 
 
 def pids_serving(model_dir: Path) -> set[int]:
@@ -44,6 +49,8 @@ def parent_of(pid: int) -> tuple[int, str]:
     return ppid, Path(f"/proc/{ppid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
+@pytest.mark.megatron
+@pytest.mark.sglang
 def test_guided_grpo_with_sglang_servers_in_ray_actors(tiny_model_dir, arith_data_dir, tmp_path, caplog):
     assert not pids_serving(tiny_model_dir)
     cfg = load_config(guided_two_steps(tiny_model_dir, arith_data_dir, tmp_path) + [
@@ -85,3 +92,25 @@ def test_guided_grpo_with_sglang_servers_in_ray_actors(tiny_model_dir, arith_dat
     assert sorted(p.name for p in (tmp_path / "out" / "weight_sync").iterdir()) == ["v2"]
     assert not ray.is_initialized()
     assert not wait_gone(pids_serving(tiny_model_dir)), "SGLang processes left after the run"
+
+
+def test_server_actors_leave_no_server_when_closed_or_killed(tmp_path):
+    from megatron_guided.launch.ray_cluster import RayCluster
+    from megatron_guided.launch.ray_sglang import start_sglang_servers
+
+    cluster = ClusterConfig(launcher="ray")
+    fake = SGLangConfig(python=sys.executable, pythonpath=[str(FAKE_SGLANG)], device="cpu", startup_timeout_s=60.0,
+                        env={"FAKE_SGLANG_MODE": "ok"})
+    ray_cluster = RayCluster(cluster, plan_placement(cluster, world_size=1, engines=("policy_engine", "verifier_engine")))
+    try:
+        urls = start_sglang_servers(ray_cluster, {kind: (str(tmp_path / kind), fake, tmp_path / "logs")
+                                                  for kind in ("policy_engine", "verifier_engine")}, on_node_ip=False)
+        assert all(len(u) == 1 and u[0].startswith("http://127.0.0.1:") for u in urls.values())
+        policy, verifier = (pids_serving(tmp_path / kind) for kind in ("policy_engine", "verifier_engine"))
+        assert policy and verifier
+        (actor,) = [a for name, a in ray_cluster.actors if name == "sglang-verifier_engine0"]
+        ray.kill(actor, no_restart=True)  # no close(): the kernel's parent-death signal stops the server
+        assert not wait_gone(verifier, timeout_s=20), "a killed actor's server outlived it"
+    finally:
+        ray_cluster.close()  # the policy actor's close() stops its server
+    assert not wait_gone(policy, timeout_s=20) and not ray.is_initialized()
