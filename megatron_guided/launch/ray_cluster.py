@@ -24,6 +24,7 @@ PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 CLOSE_TIMEOUT_S = 30.0
 """How long `RayCluster.close` waits for the actors' own `close()` before killing them."""
 GPU_PROBE_SHARE = 0.01
+"""The GPU share a `bundle_gpu_ids` probe claims (what a colocated bundle's rank and engines leave)."""
 
 
 class RayCluster:
