@@ -21,7 +21,8 @@ import ray
 
 from megatron_guided.config import SGLangConfig
 from megatron_guided.launch.ray_cluster import RayCluster
-from megatron_guided.rollout.sglang.server import SGLangServer, SGLangServerError, free_port
+from megatron_guided.rollout.sglang.server import SGLangServer, SGLangServerError
+from megatron_guided.utils.net import free_port
 
 log = logging.getLogger(__name__)
 

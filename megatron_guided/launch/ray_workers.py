@@ -18,7 +18,8 @@ from typing import Any
 import ray
 
 from megatron_guided.launch.ray_cluster import RayCluster
-from megatron_guided.megatron.launcher import WorkerGroupError, free_port, init_rank
+from megatron_guided.megatron.launcher import WorkerGroupError, init_rank
+from megatron_guided.utils.net import free_port
 
 
 class RankActor:

@@ -22,7 +22,6 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import traceback
@@ -48,12 +47,6 @@ class WorkerGroup(Protocol):
     def call_stream(self, method: str, *args, **kwargs) -> Iterator[Any]: ...
 
     def close(self) -> None: ...
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _die_with_parent() -> None:

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_guided.rollout.sglang import weight_sync as ws
-from megatron_guided.rollout.sglang.server import free_port
+from megatron_guided.utils.net import free_port
 from tests.conftest import SGLANG_STUBS, random_qwen2, sglang_python
 from tests.servers.sglang_stub import SGLangStub
 from tests.unit.test_sglang_weight_sync import engine_on, named

@@ -36,6 +36,19 @@ def sglang_pids() -> set[int]:
     return pids
 
 
+def pids_serving(model_dir: Path) -> set[int]:
+    """SGLang server processes whose command line names `model_dir` (this session's model: other sessions
+    on the machine may run SGLang servers of their own, which must not count as ours)."""
+    pids = set()
+    for pid in sglang_pids():
+        try:
+            if str(model_dir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.add(pid)
+        except OSError:
+            continue
+    return pids
+
+
 def wait_gone(pids: set[int], timeout_s: float = 30.0) -> set[int]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -55,7 +68,7 @@ def test_guided_grpo_with_sglang_policy_and_verifier(tiny_model_dir, arith_data_
     """Two steps of the shipped SGLang example on the tiny model: the policy server is weight-synced
     after each step, the verifier server answers every guided turn, the radix cache serves the
     re-sent dialogue, and both servers are gone after the run."""
-    before = sglang_pids()
+    before = pids_serving(tiny_model_dir)
     cfg = load_config([
         "config=examples/tiny_cpu_guided_sglang.yaml",
         f"data.train_files={arith_data_dir / 'train.jsonl'}", f"data.val_files={arith_data_dir / 'test.jsonl'}",
@@ -69,7 +82,7 @@ def test_guided_grpo_with_sglang_policy_and_verifier(tiny_model_dir, arith_data_
         "trainer.logger=[file]",
         *sglang_overrides("worker.rollout.sglang"), *sglang_overrides("worker.rollout.verifier.sglang")])
     trainer = build_trainer(cfg)
-    assert len(sglang_pids() - before) >= 2  # the policy's and the verifier's servers (and their children)
+    assert len(pids_serving(tiny_model_dir) - before) >= 2  # the policy's and the verifier's servers
     trainer.fit()
 
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -84,7 +97,7 @@ def test_guided_grpo_with_sglang_policy_and_verifier(tiny_model_dir, arith_data_
     synced = sorted(p.name for p in (tmp_path / "out" / "weight_sync").iterdir())
     assert synced == ["v2"]  # one version per step, older ones pruned, no temp folders
     assert (tmp_path / "out" / "sglang" / "policy").is_dir() and (tmp_path / "out" / "sglang" / "verifier").is_dir()
-    assert not wait_gone(sglang_pids() - before), "SGLang processes left after the run"
+    assert not wait_gone(pids_serving(tiny_model_dir) - before), "SGLang processes left after the run"
 
 
 TRAINER = """
@@ -99,10 +112,10 @@ os.kill(os.getpid(), 9)  # a trainer crash: no finally, no atexit
 
 
 def test_no_orphan_server_after_a_trainer_crash(tiny_model_dir, tmp_path):
-    before = sglang_pids()
+    before = pids_serving(tiny_model_dir)
     env = dict(os.environ, PYTHONPATH=str(REPO), SGLANG_PYTHON=sglang_python())
     trainer = subprocess.run([sys.executable, "-c", TRAINER, str(tiny_model_dir), str(tmp_path)], check=False,
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert trainer.returncode == -signal.SIGKILL, trainer.stderr[-2000:]
     server_pid = int(trainer.stdout.split()[0])
-    assert not wait_gone((sglang_pids() - before) | {server_pid}), "SGLang processes outlived the trainer"
+    assert not wait_gone((pids_serving(tiny_model_dir) - before) | {server_pid}), "SGLang processes outlived the trainer"

@@ -92,7 +92,7 @@ def _measure_rank(model_dir: str, port: int, queue) -> None:
 
 @pytest.mark.megatron
 def test_planner_matches_a_measured_cpu_rank(tiny_model_dir):
-    from megatron_guided.megatron.launcher import free_port
+    from megatron_guided.utils.net import free_port
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

@@ -20,7 +20,7 @@ from megatron_guided.config import ClusterConfig, SGLangConfig, load_config
 from megatron_guided.launch.placement import plan_placement
 from megatron_guided.train.main import build_trainer
 from tests.integration.test_grpo_loop import read_metrics
-from tests.integration.test_sglang_grpo import sglang_overrides, sglang_pids, wait_gone
+from tests.integration.test_sglang_grpo import pids_serving, sglang_overrides, wait_gone
 from tests.launch.test_ray_launch import guided_two_steps
 
 ray = pytest.importorskip("ray")
@@ -28,19 +28,6 @@ pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.ray
 
 FAKE_SGLANG = Path(__file__).resolve().parents[1] / "servers" / "fake_sglang"
-
-
-def pids_serving(model_dir: Path) -> set[int]:
-    """SGLang processes whose command line names `model_dir` (this session's model: other sessions on the
-    machine may run SGLang servers of their own)."""
-    pids = set()
-    for pid in sglang_pids():
-        try:
-            if str(model_dir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.add(pid)
-        except OSError:
-            continue
-    return pids
 
 
 def parent_of(pid: int) -> tuple[int, str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_guided.megatron.launcher import free_port
+from megatron_guided.utils.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))

@@ -8,7 +8,6 @@ import asyncio
 import logging
 import pickle
 import random
-import socket
 import time
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
@@ -17,6 +16,7 @@ import httpx
 import pytest
 import torch
 
+from megatron_guided.utils.net import free_port
 from megatron_guided.config import Config, VerifierConfig, save_resolved
 from megatron_guided.verifier.base import Turn, VerdictKind, Verifier, VerifierRequest
 from megatron_guided.verifier.http import HttpVerifier, _redact, _retry_after_seconds, resolve_api_key
@@ -57,12 +57,6 @@ async def verify_once(verifier: HttpVerifier, request: VerifierRequest = REQUEST
 def server():
     with FaultServer() as s:
         yield s
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -203,7 +197,7 @@ def test_zero_retries(server):
 
 
 def test_connection_refused_fails_after_retries():
-    v = make(f"http://127.0.0.1:{_free_port()}/v1", max_retries=2)
+    v = make(f"http://127.0.0.1:{free_port()}/v1", max_retries=2)
     reply = run(verify_once(v))
     assert reply.kind is VerdictKind.FAILED
     assert "connection error" in reply.error and "after 3 attempts" in reply.error
@@ -378,7 +372,7 @@ def test_api_key_is_sent_but_never_leaked(server, monkeypatch, caplog, tmp_path)
 
     # connection errors, with the key also in the URL user-info
     refused = HttpVerifier.from_config(cfg, system_prompt="x")
-    refused.url = f"http://user:{SECRET}@127.0.0.1:{_free_port()}/v1/chat/completions"
+    refused.url = f"http://user:{SECRET}@127.0.0.1:{free_port()}/v1/chat/completions"
     reply_conn = run(verify_once(refused))
     assert reply_conn.kind is VerdictKind.FAILED and "connection error" in reply_conn.error
     run(v.aclose())

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from megatron_guided.rollout.sglang.client import SGLangClient, SGLangRequestError, SGLangUnavailableError
-from megatron_guided.rollout.sglang.server import SGLangServer, SGLangServerError, free_port
+from megatron_guided.rollout.sglang.server import SGLangServer, SGLangServerError
+from megatron_guided.utils.net import free_port
 from tests.servers.sglang_stub import SGLangStub
 
 PAYLOAD = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 2}, "return_logprob": True}

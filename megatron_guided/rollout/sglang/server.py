@@ -19,7 +19,6 @@ import atexit
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,9 +28,10 @@ from pathlib import Path
 
 import httpx
 
+from megatron_guided.utils.net import free_port
 from megatron_guided.config import SGLangConfig
 
-__all__ = ["SGLangServer", "SGLangServerError", "free_port", "server_command", "server_env", "start_servers"]
+__all__ = ["SGLangServer", "SGLangServerError", "server_command", "server_env", "start_servers"]
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,6 @@ def server_env(cfg: SGLangConfig, base: dict[str, str] | None = None) -> dict[st
         paths = [str(Path(p).resolve()) for p in cfg.pythonpath]
         env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(eq=False)

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from megatron_guided.config import SGLangConfig
 from megatron_guided.rollout.sglang.client import SGLangClient, SGLangRequestError
-from megatron_guided.rollout.sglang.server import free_port
+from megatron_guided.utils.net import free_port
 
 __all__ = [
     "DiskWeightSync",
