@@ -38,6 +38,11 @@ class DataConfig:
     image_key: str = "images"
     image_dir: str | None = None
     """Folder that relative image paths are resolved against."""
+    min_pixels: int | None = None
+    """Images with fewer pixels are scaled up (aspect kept) before the image processor; None = never.
+    The original's geometry3k configs use 262144."""
+    max_pixels: int | None = None
+    """Images with more pixels are scaled down (aspect kept); None = never. The original uses 4194304."""
     max_prompt_length: int = 512
     """Prompts longer than this (in tokens, after the chat template) are dropped and counted."""
     max_response_length: int = 512

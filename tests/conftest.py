@@ -54,3 +54,17 @@ def arith_data_dir(tmp_path_factory) -> Path:
     prepare_data.main(["--task", "arith", "--difficulty", "easy", "--out", str(out),
                        "--train", "2000", "--test", "64", "--seed", "0"])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl"
+    make_tiny_model.main(["--arch", "qwen2_5_vl", "--corpus-size", "200", "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def visual_data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "visual_arith"
+    prepare_data.main(["--task", "visual_arith", "--out", str(out), "--train", "64", "--test", "16", "--seed", "0"])
+    return out

@@ -32,6 +32,17 @@ logits) and prefills only the rest.
 
 Only full-attention decoder stacks are supported (e.g. Qwen2 / Llama without sliding windows); the mask
 is passed as a prepared 4-D float tensor, which the ``eager`` and ``sdpa`` attention paths accept.
+
+Vision-language models (Qwen2-VL family)
+----------------------------------------
+A request's ``vision`` inputs (processed once by the data loader; the prompt ids already hold each
+image's tokens) are fed with the prefill that contains their image tokens: ``pixel_values`` of those
+rows, in row order, go to the model, which scatters the vision embeddings into the image tokens.
+Positions are m-RoPE: the prefill gets ``[3, rows, suffix]`` positions sliced from
+:class:`~megatron_guided.models.vision.MRoPE` over the row's whole prompt, and decoding feeds
+``next_position + δ`` (the row's rope delta). A session cache never ends inside the images: when
+the reusable prefix would stop before a row's last image token, the row is prefilled from its first
+image token on.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from megatron_guided.models.vision import MRoPE, VisionInputs, is_vision_language
 from megatron_guided.rollout.engine import (
     Completion,
     FinishReason,
@@ -158,6 +170,9 @@ class _Row:
     finish: FinishReason | None = None
     emitted: bool = False
     stop_window: int = 0
+    vision: VisionInputs | None = None
+    positions: torch.Tensor | None = None  # [3, len(prompt_ids)] m-RoPE positions (vision-language models)
+    rope_delta: int = 0
 
 
 @dataclass(slots=True)
@@ -169,6 +184,7 @@ class _Batch:
     valid: torch.Tensor  # [B, capacity] bool
     addmask: torch.Tensor  # [B, capacity] model dtype: 0 real / finfo.min hole
     next_pos: torch.Tensor  # [B] long: position of the pending token
+    rope_delta: torch.Tensor  # [B] long: m-RoPE delta added to next_pos (0 for text-only models)
     last: torch.Tensor  # [B] long: sampled, not yet fed token
     step: torch.Tensor  # [B] long: number of tokens generated so far
     temp: torch.Tensor  # [B] float32, 1.0 for greedy rows
@@ -232,7 +248,8 @@ class HFEngine:
         if not 0.0 < compact_fraction <= 1.0:
             raise ValueError(f"compact_fraction must be in (0, 1], got {compact_fraction}")
         self.model = model.eval()
-        config = model.config
+        self.mrope = MRoPE(model) if is_vision_language(model.config) else None
+        config = model.config.get_text_config()
         layer_types = getattr(config, "layer_types", None)
         if layer_types is not None and any(t != "full_attention" for t in layer_types):
             raise NotImplementedError(f"HFEngine supports full-attention models only, got layer_types={layer_types}")
@@ -352,6 +369,8 @@ class HFEngine:
                 raise ValueError(f"requests[{i}].prompt_ids has ids outside [0, {self.vocab_size}): {bad[:5]}")
             if req.sampling.stop and self.decode is None:
                 raise ValueError(f"requests[{i}] has stop strings but the engine has no decode/tokenizer")
+            if req.vision is not None and self.mrope is None:
+                raise ValueError(f"requests[{i}] carries images but the engine's model is text-only")
             if req.session_id is not None:
                 if req.session_id in seen:
                     raise ValueError(f"session_id {req.session_id!r} appears twice in one generate() call")
@@ -362,7 +381,10 @@ class HFEngine:
             sp = req.sampling
             # Seeds are drawn in request order, independently of batching.
             seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng))
-            row = _Row(index=i, prompt_ids=list(req.prompt_ids), sampling=sp, session_id=req.session_id, seed=seed)
+            row = _Row(index=i, prompt_ids=list(req.prompt_ids), sampling=sp, session_id=req.session_id, seed=seed,
+                       vision=req.vision)
+            if self.mrope is not None:
+                row.positions, row.rope_delta = self.mrope.positions(row.prompt_ids, req.vision)
             if sp.stop:
                 # Stop strings are searched in the decoded tail of the generated ids; a stop string of L
                 # characters completed by the newest token spans at most L tokens (+ slack for tokens
@@ -373,6 +395,8 @@ class HFEngine:
                 if sess is not None:
                     # At least one prompt token must be fed to get next-token logits.
                     n = min(_common_prefix(sess.ids, row.prompt_ids), len(row.prompt_ids) - 1)
+                    if self.mrope is not None and self.mrope.image_token_id in row.prompt_ids[n:]:
+                        n = row.prompt_ids.index(self.mrope.image_token_id)  # all images in the prefill
                     if n > 0:
                         row.cached, row.prefix = n, sess
             rows.append(row)
@@ -432,8 +456,20 @@ class HFEngine:
         layers = [_BufferLayer(length=c_w, capacity=capacity, prefix=prefixes[i]) for i in range(self.num_layers)]
         cache = _EngineCache(layers)
 
-        pos_all = valid[:, :width].long().cumsum(-1) - 1
-        position_ids = pos_all[:, c_w:].clamp_min(0)
+        extra: dict[str, torch.Tensor] = {}
+        if self.mrope is None:
+            pos_all = valid[:, :width].long().cumsum(-1) - 1
+            position_ids = pos_all[:, c_w:].clamp_min(0)
+        else:
+            position_ids = torch.zeros(3, n, s_w, dtype=torch.long)
+            for i, r in enumerate(rows):
+                position_ids[:, i, s_w - suffix[i] :] = r.positions[:, r.cached :]
+            position_ids = position_ids.to(device)
+            # After the session rule a row's images are either all cached or all in its suffix.
+            merged = VisionInputs.concat(
+                [r.vision if self.mrope.image_token_id in r.prompt_ids[r.cached :] else None for r in rows])
+            if merged is not None:
+                extra = {"pixel_values": merged[0].to(device), "image_grid_thw": merged[1].to(device)}
         # 4-D mask [n, 1, s_w, width]: causal by slot, real keys only; pad queries see themselves.
         q_slot = torch.arange(c_w, width, device=device)[:, None]
         k_slot = torch.arange(width, device=device)[None, :]
@@ -441,7 +477,7 @@ class HFEngine:
         allowed |= (k_slot == q_slot)[None] & ~valid[:, c_w:width, None]
         min_val = torch.finfo(dtype).min
         mask4 = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, min_val)[:, None]
-        logits = self._forward(input_ids, mask4, position_ids, cache, last_only=True)
+        logits = self._forward(input_ids, mask4, position_ids, cache, last_only=True, extra=extra)
 
         addmask = torch.full((n, capacity), min_val, dtype=dtype, device=device)
         addmask.masked_fill_(valid, 0.0)
@@ -453,6 +489,7 @@ class HFEngine:
             valid=valid,
             addmask=addmask,
             next_pos=torch.tensor([len(r.prompt_ids) for r in rows], dtype=torch.long, device=device),
+            rope_delta=torch.tensor([r.rope_delta for r in rows], dtype=torch.long, device=device),
             last=torch.zeros(n, dtype=torch.long, device=device),
             step=torch.zeros(n, dtype=torch.long, device=device),
             temp=torch.tensor([r.sampling.temperature or 1.0 for r in rows], dtype=torch.float32, device=device),
@@ -485,6 +522,7 @@ class HFEngine:
         cache: Cache,
         *,
         last_only: bool,
+        extra: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
@@ -492,6 +530,7 @@ class HFEngine:
             "position_ids": position_ids,
             self._cache_kwarg: cache,
             "use_cache": True,
+            **(extra or {}),
         }
         if last_only and self._has_logits_to_keep:
             kwargs["logits_to_keep"] = 1
@@ -512,7 +551,8 @@ class HFEngine:
         ]
         mask4 = batch.addmask[:, None, None, : w + 1]
         cache = _EngineCache(layers)
-        logits = self._forward(batch.last[:, None], mask4, batch.next_pos[:, None], cache, last_only=False)
+        position = (batch.next_pos + batch.rope_delta)[:, None]  # text positions; 3-D models repeat them
+        logits = self._forward(batch.last[:, None], mask4, position, cache, last_only=False)
         batch.width = w + 1
         batch.next_pos += 1
         self._sample_and_record(batch, logits)
@@ -603,7 +643,7 @@ class HFEngine:
         batch.valid = valid[:, start:end]
         batch.addmask = batch.addmask[:, start:end].index_select(0, keep)
         batch.width = width
-        for name in ("next_pos", "last", "step", "temp", "greedy", "top_k", "top_p", "uniforms"):
+        for name in ("next_pos", "rope_delta", "last", "step", "temp", "greedy", "top_k", "top_p", "uniforms"):
             setattr(batch, name, getattr(batch, name).index_select(0, keep))
         batch.rows = rows
         return batch
@@ -660,7 +700,7 @@ class HFEngine:
             [torch.nn.functional.pad(a.uniforms, (0, n_u - a.uniforms.shape[1])),
              torch.nn.functional.pad(b.uniforms, (0, n_u - b.uniforms.shape[1]))]
         )
-        for name in ("next_pos", "last", "step", "temp", "greedy", "top_k", "top_p"):
+        for name in ("next_pos", "rope_delta", "last", "step", "temp", "greedy", "top_k", "top_p"):
             setattr(a, name, torch.cat([getattr(a, name), getattr(b, name)]))
         a.rows = rows
         return a
