@@ -159,3 +159,28 @@ def test_guided_trajectory_training_logprobs_equal_sampling_logprobs(model, proc
     mask = batch.loss_mask.bool()
     diff = (logp - batch.rollout_logprobs)[mask].abs().max()
     assert mask.sum() > 20 and diff < TOL, float(diff)
+
+
+def test_multimodal_verifier_sees_the_images(model, processor, prompts):
+    """verifier.multimodal: a model verifier's request holds the image tokens and the images; an http
+    verifier sends them as image_url parts. Text-only verifiers see [IMAGE 1]."""
+    from megatron_guided.verifier.base import Turn, VerifierRequest
+    from megatron_guided.verifier.http import HttpVerifier
+    from megatron_guided.verifier.model import ModelVerifier
+
+    sample = prompts[0]
+    request = VerifierRequest(problem="[IMAGE]Let N be the number in the image.", images=list(sample.images),
+                              dialogue=[Turn(role="policy", content="Step 1: 47+4=51")])
+    engine = HFEngine(model, tokenizer=processor.tokenizer)
+    sampling = SamplingParams(max_new_tokens=4)
+    seeing = ModelVerifier(engine, processor.tokenizer, processor=processor).engine_request(request, sampling)
+    assert seeing.vision is not None and seeing.prompt_ids.count(processor.image_token_id) == 4
+    blind = ModelVerifier(engine, processor.tokenizer).engine_request(request, sampling)
+    assert blind.vision is None and processor.image_token_id not in blind.prompt_ids
+    assert "[IMAGE 1]" in processor.tokenizer.decode(blind.prompt_ids)
+    assert len(engine.generate([seeing])[0].token_ids) >= 1
+    body = HttpVerifier("http://127.0.0.1:9", multimodal=True).request_body(request)
+    parts = body["messages"][1]["content"]
+    assert [p["type"] for p in parts] == ["text", "image_url", "text"]
+    assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert "Student: Step 1: 47+4=51" in parts[2]["text"]
