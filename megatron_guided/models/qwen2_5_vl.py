@@ -15,8 +15,8 @@ from typing import Any
 
 from megatron_guided.models.vision import is_vision_language
 
-__all__ = ["HF_VISION_PREFIX", "MG_VISION_PREFIX", "hf_vision_name", "language_config", "mg_vision_name",
-           "mrope_section"]
+__all__ = ["HF_VISION_PREFIX", "MG_VISION_PREFIX", "checkpoint_name", "hf_vision_name", "language_config",
+           "mg_vision_name", "mrope_section"]
 
 HF_VISION_PREFIX = "visual."
 MG_VISION_PREFIX = "vision_model."
@@ -40,6 +40,15 @@ def language_config(hf_config: Any) -> Any:
 def mrope_section(hf_config: Any) -> list[int]:
     """Rotary channel pairs given to the (temporal, height, width) positions; sums to head_dim / 2."""
     return list(hf_config.text_config.rope_parameters["mrope_section"])
+
+
+def checkpoint_name(module_name: str) -> str:
+    """A transformers 5 module's parameter name → its name in saved checkpoints (what conversion and
+    the Megatron export use): ``model.language_model.X`` → ``model.X``, ``model.visual.X`` → ``visual.X``."""
+    for inner, saved in (("model.language_model.", "model."), ("model.visual.", HF_VISION_PREFIX)):
+        if module_name.startswith(inner):
+            return saved + module_name[len(inner):]
+    return module_name
 
 
 def mg_vision_name(hf_name: str) -> str:

@@ -150,12 +150,22 @@ class MRoPE:
     """3-D rotary positions of a Qwen2-VL-family model, from its own ``get_rope_index``."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        inner = getattr(model, "model", None)
+        """``model``: the ``…ForConditionalGeneration`` or its inner ``…VLModel``."""
+        inner = model if hasattr(model, "get_rope_index") else getattr(model, "model", None)
         if not is_vision_language(model.config) or not hasattr(inner, "get_rope_index"):
             raise TypeError(f"MRoPE needs a Qwen2-VL-family model, got {type(model).__name__}")
         self._rope_index = inner.get_rope_index
         self.image_token_id = int(model.config.image_token_id)
         self.merge_size = int(model.config.vision_config.spatial_merge_size)
+
+    @classmethod
+    def from_config(cls, config: Any) -> MRoPE:
+        """Without weights: ``get_rope_index`` reads only the config, so the model is built on the meta
+        device (no memory), e.g. on a Megatron rank that holds no HF model."""
+        from transformers import AutoModel
+
+        with torch.device("meta"):
+            return cls(AutoModel.from_config(config))
 
     def positions(self, ids: Sequence[int] | Tensor, vision: VisionInputs | None) -> tuple[Tensor, int]:
         """``([3, L] long positions, rope delta δ)`` of one unpadded sequence.

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from megatron_guided.models.qwen2_5_vl import checkpoint_name
 from megatron_guided.models.vision import MRoPE, VisionInputs, is_vision_language
 from megatron_guided.rollout.engine import (
     Completion,
@@ -319,13 +320,17 @@ class HFEngine:
         return results  # type: ignore[return-value]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy ``named_tensors`` (HF names; tied aliases such as ``lm_head.weight`` accepted) into the
+        """Copy ``named_tensors`` (HF names; tied aliases such as ``lm_head.weight`` and, for vision-language
+        models, saved-checkpoint names such as ``visual.*`` accepted) into the
         model's parameters in place. All names and shapes are checked before anything is copied; unknown
         names raise ``KeyError`` listing them. Then drops every session cache and bumps
         ``weight_version``."""
         targets: dict[str, torch.Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
         for name, buf in self.model.named_buffers(remove_duplicate=False):
             targets.setdefault(name, buf)
+        if self.mrope is not None:  # vision-language models also take saved-checkpoint names (Megatron export)
+            for name in list(targets):
+                targets.setdefault(checkpoint_name(name), targets[name])
         items = list(named_tensors)
         unknown = [name for name, _ in items if name not in targets]
         if unknown:

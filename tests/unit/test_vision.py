@@ -184,3 +184,18 @@ def test_multimodal_verifier_sees_the_images(model, processor, prompts):
     assert [p["type"] for p in parts] == ["text", "image_url", "text"]
     assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
     assert "Student: Step 1: 47+4=51" in parts[2]["text"]
+
+
+def test_engine_takes_saved_checkpoint_names(tiny_vl_dir, model, processor):
+    """The Megatron export (and conversion) use saved-checkpoint names (model.layers.*, visual.*); the
+    engine maps them onto transformers 5's module names, and every saved tensor has a target."""
+    from safetensors.torch import load_file
+
+    from megatron_guided.models.qwen2_5_vl import checkpoint_name
+
+    saved = load_file(tiny_vl_dir / "model.safetensors")
+    assert {checkpoint_name(n) for n in model.state_dict()} - {"lm_head.weight"} == set(saved)
+    engine = HFEngine(load_policy_model(tiny_vl_dir, dtype=torch.float32).eval(), tokenizer=processor.tokenizer)
+    engine.update_weights((n, t * 0.5) for n, t in saved.items())
+    assert torch.equal(engine.model.model.visual.patch_embed.proj.weight, saved["visual.patch_embed.proj.weight"] * 0.5)
+    assert engine.weight_version == 1
