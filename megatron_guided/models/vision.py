@@ -39,6 +39,7 @@ __all__ = [
     "VisionInputs",
     "VisionProcessor",
     "is_vision_language",
+    "copy_image_processor",
     "load_policy_model",
     "vision_forward_kwargs",
 ]
@@ -64,6 +65,19 @@ def load_policy_model(path: str | Path, *, config: Any = None, weights: bool = T
     if weights:
         return cls.from_pretrained(path, **kwargs)
     return cls.from_config(config, **kwargs)
+
+
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def copy_image_processor(model_dir: str | Path, out_dir: str | Path) -> None:
+    """Copy the image processor's config of a vision-language model folder into ``out_dir`` (a
+    checkpoint's ``huggingface/``), so that folder loads as a policy again; no-op for text models."""
+    import shutil
+
+    src = Path(model_dir) / IMAGE_PROCESSOR_FILE
+    if src.is_file():
+        shutil.copy2(src, Path(out_dir) / IMAGE_PROCESSOR_FILE)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -42,7 +42,9 @@ Positions are m-RoPE: the prefill gets ``[3, rows, suffix]`` positions sliced fr
 :class:`~megatron_guided.models.vision.MRoPE` over the row's whole prompt, and decoding feeds
 ``next_position + δ`` (the row's rope delta). A session cache never ends inside the images: when
 the reusable prefix would stop before a row's last image token, the row is prefilled from its first
-image token on.
+image token on. The image/video placeholder tokens are never sampled (a generated one would be read
+as an image position in the next turn): they are dropped from the sampling distribution like a top-k
+truncation, and reported logprobs stay those of the full distribution.
 """
 
 from __future__ import annotations
@@ -250,6 +252,8 @@ class HFEngine:
             raise ValueError(f"compact_fraction must be in (0, 1], got {compact_fraction}")
         self.model = model.eval()
         self.mrope = MRoPE(model) if is_vision_language(model.config) else None
+        self.banned = (torch.tensor([model.config.image_token_id, model.config.video_token_id],
+                                    device=_first_param(model).device) if self.mrope is not None else None)
         config = model.config.get_text_config()
         layer_types = getattr(config, "layer_types", None)
         if layer_types is not None and any(t != "full_attention" for t in layer_types):
@@ -564,7 +568,7 @@ class HFEngine:
 
     def _sample_and_record(self, batch: _Batch, logits: torch.Tensor) -> None:
         u = batch.uniforms.gather(1, batch.step.clamp_max(batch.uniforms.shape[1] - 1)[:, None])[:, 0]
-        tokens, logps = _sample(logits, batch.temp, batch.greedy, batch.top_k, batch.top_p, u)
+        tokens, logps = _sample(logits, batch.temp, batch.greedy, batch.top_k, batch.top_p, u, banned=self.banned)
         batch.last = tokens
         batch.step += 1
         tok_list = tokens.tolist()
@@ -729,15 +733,21 @@ def _sample(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     u: torch.Tensor,
+    *,
+    banned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row; return ``(tokens, logprobs)``.
 
     ``logprobs = log_softmax(logits / T)`` at the token (``T = 1`` for greedy rows), before any top-k /
     top-p truncation. Sampled rows draw by inverse CDF with their uniform ``u`` over the truncated,
     renormalised distribution (top-k first, then top-p on the renormalised top-k mass, keeping at least
-    the most likely token).
+    the most likely token). Ids in ``banned`` are removed before any of that (never picked, greedy or
+    sampled); their mass still counts in the reported logprobs.
     """
     logp = torch.log_softmax(logits / temp[:, None], dim=-1)
+    full_logp = logp
+    if banned is not None:  # never sampled; the reported logprob stays the full distribution's
+        logp = logp.index_fill(-1, banned, float("-inf"))
     tokens = logp.argmax(dim=-1)
     sample_rows = ~greedy
     if bool(sample_rows.any()):
@@ -759,4 +769,4 @@ def _sample(
         # u * total can round up to total: fall back to the last token with non-zero probability.
         last_pos = torch.where(probs > 0, torch.arange(vocab, device=logp.device), 0).amax(-1)
         tokens = torch.where(sample_rows, torch.minimum(idx, last_pos), tokens)
-    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+    return tokens, full_logp.gather(1, tokens[:, None])[:, 0]

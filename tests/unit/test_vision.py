@@ -199,3 +199,26 @@ def test_engine_takes_saved_checkpoint_names(tiny_vl_dir, model, processor):
     engine.update_weights((n, t * 0.5) for n, t in saved.items())
     assert torch.equal(engine.model.model.visual.patch_embed.proj.weight, saved["visual.patch_embed.proj.weight"] * 0.5)
     assert engine.weight_version == 1
+
+
+def test_image_placeholders_are_never_sampled(model, processor, prompts):
+    """Even when the model puts most of its mass on <|image_pad|>, the engine samples other tokens
+    (a generated image token would be read as an image position next turn); the reported logprob is
+    still the full distribution's."""
+    engine = HFEngine(model, tokenizer=processor.tokenizer)
+    head = model.lm_head.weight
+    saved = head[processor.image_token_id].clone()
+    with torch.no_grad():
+        head[processor.image_token_id] = head.abs().max() * 50 * torch.sign(model.model.language_model.norm.weight)
+    try:
+        (c,) = engine.generate([GenerationRequest(prompt_ids=prompts[0].prompt_ids, vision=prompts[0].vision,
+                                                  sampling=SamplingParams(max_new_tokens=6, seed=0))])
+        ref = hf_logprobs(model, prompts[0].prompt_ids + c.token_ids, prompts[0].vision)
+    finally:
+        with torch.no_grad():
+            head[processor.image_token_id] = saved
+    assert processor.image_token_id not in c.token_ids
+    n = len(prompts[0].prompt_ids)
+    want = ref[torch.arange(n - 1, n - 1 + len(c.token_ids)), c.token_ids]
+    assert (torch.tensor(c.logprobs) - want).abs().max() < TOL
+    assert float(ref[n - 1, processor.image_token_id].exp()) > 0.5  # the banned token really was the favourite
