@@ -1,7 +1,8 @@
 """MegatronBackend with a Qwen2.5-VL policy on real megatron-core over gloo: the vision tower beside
 the GPTModel (its embeddings as decoder_input) and m-RoPE (position_embedding_type='mrope') give the
-HF model's own logprobs on multi-turn, image-bearing trajectories at TP=1 and TP=2 (fp32, 1e-5), and
-the weight export (vision tower included) is the exact inverse of the load."""
+HF model's own logprobs on multi-turn, image-bearing trajectories at TP=1 and TP=2 (fp32, 1e-5), from
+HF weights and from a converted checkpoint; the weight export (vision tower included) is the exact
+inverse of the load; `--verify` of a converted VL model passes at TP=2."""
 
 from __future__ import annotations
 
@@ -61,10 +62,16 @@ def hf_logprobs(model, batch) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("layout", [{}, {"tp": 2}], ids=["tp1", "tp2"])
-def test_vl_logprobs_match_hf(vl_setup, layout):
+@pytest.mark.parametrize("layout, converted", [({}, False), ({"tp": 2}, True)], ids=["tp1-hf", "tp2-converted"])
+def test_vl_logprobs_match_hf(vl_setup, tmp_path, layout, converted):
+    """TP=1 loads the HF safetensors; TP=2 loads the converter's dist_ckpt folder (vision_model.* keys)."""
     model, path, batch = vl_setup
-    backend = MegatronBackend(model_path=str(path), actor=actor_config(**layout), algorithm=AlgorithmConfig(),
+    source = path
+    if converted:
+        from megatron_guided.convert.to_mcore import hf_to_mcore
+
+        source = hf_to_mcore(path, tmp_path / "mcore", progress=False)
+    backend = MegatronBackend(model_path=str(source), actor=actor_config(**layout), algorithm=AlgorithmConfig(),
                               temperature=TEMPERATURE, num_mini_batches=1, total_optimizer_steps=1,
                               max_response_length=32)
     try:
@@ -82,3 +89,15 @@ def test_vl_logprobs_match_hf(vl_setup, layout):
     saved = load_file(path / "model.safetensors")
     assert weights.keys() == saved.keys() and any(k.startswith("visual.") for k in weights)
     assert all(torch.equal(weights[n], saved[n]) for n in weights)
+
+
+def test_converted_vl_verify_logits(vl_setup, tmp_path):
+    from megatron_guided.convert.to_mcore import hf_to_mcore
+    from megatron_guided.convert.verify import verify_logits
+    from megatron_guided.megatron.layout import ParallelLayout
+
+    _, path, _ = vl_setup
+    hf_to_mcore(path, tmp_path / "mcore", layout=ParallelLayout(tp=2), progress=False)
+    result = verify_logits(path, tmp_path / "mcore", ParallelLayout(tp=2), tolerance=1e-4)
+    print(result.report())
+    assert result.ok and result.max_abs_diff < 1e-4
