@@ -38,8 +38,8 @@ __all__ = [
     "MRoPE",
     "VisionInputs",
     "VisionProcessor",
-    "is_vision_language",
     "copy_image_processor",
+    "is_vision_language",
     "load_policy_model",
     "vision_forward_kwargs",
 ]

@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
-from megatron_guided.convert.guards import ConversionError
 from megatron_guided.convert.dist_io import stored_tensors
+from megatron_guided.convert.guards import ConversionError
 from megatron_guided.convert.to_hf import mcore_to_hf
 from megatron_guided.convert.to_mcore import hf_to_mcore
 from megatron_guided.megatron.layout import ParallelLayout
