@@ -38,6 +38,11 @@ class DataConfig:
     image_key: str = "images"
     image_dir: str | None = None
     """Folder that relative image paths are resolved against."""
+    min_pixels: int | None = None
+    """Images with fewer pixels are scaled up (aspect kept) before the image processor; None = never.
+    The original's geometry3k configs use 262144."""
+    max_pixels: int | None = None
+    """Images with more pixels are scaled down (aspect kept); None = never. The original uses 4194304."""
     max_prompt_length: int = 512
     """Prompts longer than this (in tokens, after the chat template) are dropped and counted."""
     max_response_length: int = 512
@@ -258,6 +263,9 @@ class VerifierConfig:
     max_trajectory_tokens: int = 0
     """Most tokens of a whole dialogue after the prompt; 0 = data.max_response_length."""
     stop_token: str = "###STOP###"
+    multimodal: bool = False
+    """true: a model or http verifier sees the problem's images (its model must be vision-language);
+    false: they appear as [IMAGE k] placeholders (the original's text-only verifier)."""
     train_scope: str = "full"
     """full (every policy turn trained) | final_turn (the original's: only the last turn)."""
     guided_fraction: float = 1.0
@@ -588,6 +596,9 @@ def validate(cfg: Config) -> None:
     if verifier.enable and (verifier.type == "http" or verifier.use_http) and not verifier.base_url:
         raise ConfigError("worker.rollout.verifier.base_url is required for the http verifier "
                           "(requests go to POST {base_url}/chat/completions)")
+    if verifier.enable and verifier.multimodal and verifier.type == "function" and not verifier.use_http:
+        raise ConfigError("worker.rollout.verifier.multimodal=true needs verifier.type=model or http "
+                          "(a function verifier already receives request.images)")
     if verifier.enable and verifier.type == "model" and not verifier.use_http and not verifier.model_path:
         raise ConfigError("worker.rollout.verifier.model_path is required for verifier.type=model")
     if algo.adv_estimator in GROUP_ESTIMATORS and rollout.n < 2:

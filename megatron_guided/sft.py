@@ -4,7 +4,9 @@
 
 Trains on ``prompt → target`` pairs (the data's ``data.prompt_key`` rendered with the chat template,
 then ``target_key`` + EOS), loss on target tokens only, with a warmup-stable-decay learning rate.
-Writes an HF folder (model + tokenizer) to ``sft.output_dir``, atomically.
+Writes an HF folder (model + tokenizer, + image processor for vision-language models) to
+``sft.output_dir``, atomically. Vision-language models get each row's images and m-RoPE positions
+(:func:`~megatron_guided.models.vision.vision_forward_kwargs`).
 """
 
 from __future__ import annotations
@@ -18,12 +20,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from megatron_guided.checkpoint.manager import TMP_PREFIX, publish_dir
 from megatron_guided.config import ConfigError, DataConfig, load_config, save_resolved
 from megatron_guided.data.dataset import build_prompt_dataset
 from megatron_guided.logging import setup_logging
+from megatron_guided.models.vision import (
+    MRoPE,
+    VisionProcessor,
+    is_vision_language,
+    load_policy_model,
+    vision_forward_kwargs,
+)
 
 log = logging.getLogger("megatron_guided.sft")
 
@@ -125,9 +134,14 @@ def train_sft(cfg: SFTConfig) -> Path:
     if opts.num_threads > 0:
         torch.set_num_threads(opts.num_threads)
     tokenizer = AutoTokenizer.from_pretrained(opts.model_path)
-    model = AutoModelForCausalLM.from_pretrained(opts.model_path, dtype=torch.float32, attn_implementation="eager")
-    train = make_examples(build_prompt_dataset(cfg.data.train_files, cfg.data, tokenizer), opts.target_key, tokenizer)
-    val = build_prompt_dataset(cfg.data.val_files, cfg.data, tokenizer) if cfg.data.val_files else None
+    model = load_policy_model(opts.model_path, dtype=torch.float32, attn_implementation="eager")
+    vl = is_vision_language(model.config)
+    processor = VisionProcessor.from_pretrained(opts.model_path, tokenizer=tokenizer) if vl else None
+    mrope = MRoPE(model) if vl else None
+    train_data = build_prompt_dataset(cfg.data.train_files, cfg.data, tokenizer, processor=processor)
+    train = make_examples(train_data, opts.target_key, tokenizer)
+    val = (build_prompt_dataset(cfg.data.val_files, cfg.data, tokenizer, processor=processor)
+           if cfg.data.val_files else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: wsd_factor(s, total=opts.steps, warmup=opts.warmup_steps, decay=opts.decay_steps))
@@ -138,9 +152,10 @@ def train_sft(cfg: SFTConfig) -> Path:
     for step in progress:
         if len(order) < opts.batch_size:
             order += torch.randperm(len(train), generator=generator).tolist()
-        batch, order = [train[i] for i in order[: opts.batch_size]], order[opts.batch_size :]
-        ids, attn, target_mask = collate(batch, tokenizer.pad_token_id)
-        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
+        rows, order = order[: opts.batch_size], order[opts.batch_size :]
+        ids, attn, target_mask = collate([train[i] for i in rows], tokenizer.pad_token_id)
+        extra = vision_forward_kwargs(mrope, ids, attn, [train_data[i].vision for i in rows]) if vl else {}
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False, **extra).logits[:, :-1]
         nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
         loss = (nll * target_mask).sum() / target_mask.sum()
         optimizer.zero_grad(set_to_none=True)
@@ -159,14 +174,17 @@ def train_sft(cfg: SFTConfig) -> Path:
                 log.info("reached sft.target_accuracy=%.2f at step %d", opts.target_accuracy, step + 1)
                 break
     model.eval()
-    return save_hf_atomically(model, tokenizer, Path(opts.output_dir))
+    return save_hf_atomically(model, tokenizer, Path(opts.output_dir),
+                              image_processor=processor.image_processor if vl else None)
 
 
-def save_hf_atomically(model, tokenizer, out: Path) -> Path:
+def save_hf_atomically(model, tokenizer, out: Path, *, image_processor=None) -> Path:
     tmp = out.with_name(f"{TMP_PREFIX}{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    if image_processor is not None:
+        image_processor.save_pretrained(tmp)
     publish_dir(tmp, out)
     return out
 

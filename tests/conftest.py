@@ -87,3 +87,17 @@ def cpu_sglang_config(**overrides):
                     pythonpath=[str(SGLANG_STUBS)], extra_args=["--max-total-tokens", "65536"],
                     startup_timeout_s=300.0, request_timeout_s=120.0, env={"OMP_NUM_THREADS": "1"})
     return SGLangConfig(**(settings | overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl"
+    make_tiny_model.main(["--arch", "qwen2_5_vl", "--corpus-size", "200", "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session")
+def visual_data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "visual_arith"
+    prepare_data.main(["--task", "visual_arith", "--out", str(out), "--train", "64", "--test", "16", "--seed", "0"])
+    return out

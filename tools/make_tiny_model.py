@@ -1,8 +1,12 @@
-"""Build the tiny tokenizer + random-init Qwen2 model used by CPU tests and CI.
+"""Build the tiny tokenizer + random-init Qwen2 (or Qwen2.5-VL) model used by CPU tests and CI.
 
 Everything is built locally (no hub access). From the repo root::
 
     python tools/make_tiny_model.py --out models/tiny-qwen2
+    python tools/make_tiny_model.py --arch qwen2_5_vl --out models/tiny-qwen2.5-vl
+
+``--arch qwen2_5_vl`` adds a vision tower, the vision tokens, a chat template with image parts and
+an image processor (``preprocessor_config.json``); see :mod:`megatron_guided.models.tiny_vl`.
 
 Options (defaults shown)::
 
@@ -33,6 +37,12 @@ from megatron_guided.models.tiny import (  # noqa: E402
     count_parameters,
     save_tiny,
 )
+from megatron_guided.models.tiny_vl import (  # noqa: E402
+    build_image_processor,
+    build_tiny_qwen2_5_vl,
+    build_vl_tokenizer,
+    save_tiny_vl,
+)
 
 # Characters that must always be encodable even if the toy task never emits them
 # (chat roles, system prompts, free-form text): all printable ASCII + whitespace.
@@ -54,6 +64,7 @@ def build_corpus(n_per_difficulty: int = 2000, seed: int = 0) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="models/tiny-qwen2", help="output folder")
+    p.add_argument("--arch", choices=("qwen2", "qwen2_5_vl"), default="qwen2")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -71,9 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     corpus = build_corpus(args.corpus_size, seed=args.seed)
-    tokenizer = build_tokenizer(corpus, full_byte_alphabet=not args.corpus_alphabet_only)
-    model = build_tiny_qwen2(
-        tokenizer,
+    sizes = dict(
         hidden_size=args.hidden_size,
         num_layers=args.layers,
         num_heads=args.heads,
@@ -83,7 +92,16 @@ def main(argv: list[str] | None = None) -> None:
         tie_word_embeddings=not args.no_tie_embeddings,
         seed=args.seed,
     )
-    out = save_tiny(model, tokenizer, args.out)
+    if args.arch == "qwen2_5_vl":
+        if args.corpus_alphabet_only:
+            p.error("--corpus-alphabet-only is for --arch qwen2 only")
+        tokenizer = build_vl_tokenizer(corpus)
+        model = build_tiny_qwen2_5_vl(tokenizer, **sizes)
+        out = save_tiny_vl(model, tokenizer, build_image_processor(), args.out)
+    else:
+        tokenizer = build_tokenizer(corpus, full_byte_alphabet=not args.corpus_alphabet_only)
+        model = build_tiny_qwen2(tokenizer, **sizes)
+        out = save_tiny(model, tokenizer, args.out)
     print(f"vocab size: {len(tokenizer)}")
     print(f"parameters: {count_parameters(model):,}")
     print(f"saved to:   {out}")

@@ -4,10 +4,12 @@ From the repo root::
 
     python tools/prepare_data.py --task arith --difficulty easy --out data/arith_easy \
         --train 20000 --test 500 --seed 0
+    python tools/prepare_data.py --task visual_arith --out data/visual_arith --train 4000 --dev 200 --test 200
 
 Writes ``<out>/train.jsonl`` and ``<out>/test.jsonl``; one JSON object per line
 with keys ``problem``, ``answer``, ``solution``, ``steps``. No ``problem``
-appears twice, within or across the two files.
+appears twice, within or across the two files. ``visual_arith`` rows also hold ``images`` (paths
+relative to ``<out>``, written under ``<out>/images/``; see :mod:`megatron_guided.data.toy_visual`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_guided.data.toy_arith import DIFFICULTIES, make_splits  # noqa: E402
+from megatron_guided.data.toy_visual import make_visual_splits  # noqa: E402
 
-TASKS = ("arith",)
+TASKS = ("arith", "visual_arith")
 
 
 def write_jsonl(rows: list[dict], path: str) -> None:
@@ -45,10 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    train, test = make_splits(args.train + args.dev, args.test, difficulty=args.difficulty, seed=args.seed)
-    train, dev = train[: args.train], train[args.train :]
     os.makedirs(args.out, exist_ok=True)
-    splits = (("train", train), ("test", test)) + ((("dev", dev),) if args.dev else ())
+    if args.task == "visual_arith":
+        counts = {"test": args.test, "train": args.train} | ({"dev": args.dev} if args.dev else {})
+        splits = tuple(make_visual_splits(args.out, counts, seed=args.seed).items())
+    else:
+        train, test = make_splits(args.train + args.dev, args.test, difficulty=args.difficulty, seed=args.seed)
+        train, dev = train[: args.train], train[args.train :]
+        splits = (("train", train), ("test", test)) + ((("dev", dev),) if args.dev else ())
     for name, rows in splits:
         path = os.path.join(args.out, f"{name}.jsonl")
         write_jsonl(rows, path)

@@ -24,6 +24,7 @@ from typing import Any
 
 from megatron_guided.megatron.model import rope_theta
 from megatron_guided.models.qwen2 import model_shape
+from megatron_guided.models.qwen2_5_vl import language_config
 
 
 class ConversionError(ValueError):
@@ -56,6 +57,8 @@ class ModelArgs:
 
     @classmethod
     def from_hf(cls, hf_config) -> ModelArgs:
+        """The language model's facts (a vision-language config's decoder, see models/qwen2_5_vl.py)."""
+        hf_config = language_config(hf_config)
         shape = model_shape(hf_config)
         return cls(num_layers=hf_config.num_hidden_layers, hidden_size=hf_config.hidden_size,
                    ffn_hidden_size=hf_config.intermediate_size, num_attention_heads=shape.num_heads,

@@ -20,6 +20,9 @@ Padded vocabulary rows are dropped.
 Streaming: the safetensors headers are planned from shapes alone, then one decoder layer at a time
 is read from the checkpoint (only its tensors), converted and appended to the open file. Atomic as
 hf-to-mcore (temp folder + rename).
+
+Qwen2-VL / Qwen2.5-VL: the language model as a Qwen2; the stored `vision_model.*` tensors are
+written back unchanged as `visual.*` (in their stored dtype), one at a time after the decoder.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from megatron_guided.convert.to_mcore import CONVERSION_FILE, fresh_temp, load_h
 from megatron_guided.megatron.checkpoint import LAYOUT_FILE, MODEL_DIR
 from megatron_guided.models.mapping import megatron_to_hf
 from megatron_guided.models.qwen2 import RULES, model_shape
+from megatron_guided.models.qwen2_5_vl import MG_VISION_PREFIX, hf_vision_name, language_config
+from megatron_guided.models.vision import is_vision_language
 
 EMBEDDING_KEY = "embedding.word_embeddings.weight"
 MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
@@ -126,6 +131,16 @@ def expected_global_shapes(model_state: dict[str, Any]) -> dict[str, tuple[int, 
     return shapes
 
 
+def load_stored(dist_dir: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]]):
+    """Whole stored tensors by checkpoint key (shape, dtype from `specs`), one at a time, as stored."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    for key, (shape, dtype) in specs.items():
+        entry = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=dtype), replica_id=0)
+        yield key, dist_checkpointing.load({"t": entry}, str(dist_dir), validate_access_integrity=False)["t"]
+
+
 def write_config(src_text: str, dst: Path, dtype: torch.dtype) -> None:
     values = json.loads(src_text)
     field = "torch_dtype" if "torch_dtype" in values and "dtype" not in values else "dtype"
@@ -140,7 +155,8 @@ def mcore_to_hf(src: str | Path, out_dir: str | Path, *, hf_config: str | Path |
     if out_dir.exists() and not overwrite:
         raise ConversionError(f"{out_dir} exists; remove it or pass --overwrite")
     source = locate(src)
-    config, files_dir, config_file = resolve_config(source, Path(hf_config) if hf_config else None)
+    full_config, files_dir, config_file = resolve_config(source, Path(hf_config) if hf_config else None)
+    config = language_config(full_config)
     check_megatron_args(source, config, config_file, megatron_args)
 
     tmp = fresh_temp(out_dir)
@@ -168,8 +184,13 @@ def mcore_to_hf(src: str | Path, out_dir: str | Path, *, hf_config: str | Path |
                 layers = [unit[1]] if unit[0] == 1 else []
                 return megatron_to_hf([tensors], RULES, layers=layers, shape=shape)
 
+            vision = {key: meta for key, meta in stored.items() if key.startswith(MG_VISION_PREFIX)}
+            if bool(vision) != is_vision_language(full_config):
+                raise ConversionError(f"{source.dist_dir} holds {len(vision)} {MG_VISION_PREFIX}* tensors but "
+                                      f"{config_file} has model_type={full_config.model_type!r}")
             plan = [TensorSpec(name, tuple(t.shape), out_dtype) for unit in sorted(units)
                     for name, t in to_hf(unit, {n: params[n] for n in units[unit]}).items()]
+            plan += [TensorSpec(hf_vision_name(key), shape, dt) for key, (shape, dt) in vision.items()]
             writer = StreamingSafetensorsWriter(tmp, plan_shards(plan, max_shard_bytes))
             dtypes = {key: dt for key, (_, dt) in stored.items()}
             with tqdm(total=sum(s.nbytes for s in plan), unit="B", unit_scale=True, desc="mcore-to-hf",
@@ -180,6 +201,9 @@ def mcore_to_hf(src: str | Path, out_dir: str | Path, *, hf_config: str | Path |
                         writer.write(name, tensor.to(out_dtype))
                         bar.update(tensor.numel() * out_dtype.itemsize)
                     del loaded
+                for key, tensor in load_stored(source.dist_dir, vision):
+                    writer.write(hf_vision_name(key), tensor)
+                    bar.update(tensor.numel() * tensor.element_size())
             writer.close()
         if files_dir is not None:
             copy_model_files(files_dir, tmp)

@@ -17,6 +17,8 @@ Rules:
 - Streaming: one parameter is read (safetensors, mmap), transformed and written at a time.
 - Atomic: written into `.tmp-<name>` beside the target and renamed when complete; a failure removes
   the temp folder, and a killed run's leftover is removed by the next one.
+- Qwen2-VL / Qwen2.5-VL: the language model as a Qwen2 (:mod:`megatron_guided.models.qwen2_5_vl`),
+  every `visual.*` tensor copied unchanged to the key `vision_model.*` (replicated, not sharded).
 """
 
 from __future__ import annotations
@@ -41,18 +43,30 @@ from megatron_guided.megatron.layout import ParallelLayout
 from megatron_guided.megatron.model import SafetensorsReader, check_supported, padded_vocab_size
 from megatron_guided.models.mapping import Rule, expand, megatron_to_hf
 from megatron_guided.models.qwen2 import RULES, model_shape
+from megatron_guided.models.qwen2_5_vl import HF_VISION_PREFIX, language_config, mg_vision_name
+from megatron_guided.models.vision import is_vision_language
 
 CONVERSION_FILE = "conversion.json"
 
 
 def load_hf_config(path: Path):
+    """The folder's HF config (the outer one for vision-language models), its language model checked."""
     from transformers import AutoConfig
 
     if not (Path(path) / "config.json").is_file():
         raise ConversionError(f"{path}: no config.json")
     config = AutoConfig.from_pretrained(str(path))
-    check_supported(config)
+    check_supported(language_config(config))
     return config
+
+
+def vision_state(specs) -> dict[str, Any]:
+    """ShardedTensors (meta, replicated) for the vision tower tensors among `specs` (HF name → spec)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    return {name: ShardedTensor.from_rank_offsets(mg_vision_name(name), torch.empty(spec.shape, dtype=spec.dtype,
+                                                                                   device="meta"), replica_id=0)
+            for name, spec in specs.items() if name.startswith(HF_VISION_PREFIX)}
 
 
 def check_target_layout(hf_config, layout: ParallelLayout) -> None:
@@ -143,7 +157,8 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, layout: ParallelLayo
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ConversionError(f"{out_dir} exists; remove it or pass --overwrite")
-    hf_config = load_hf_config(hf_dir)
+    full_config = load_hf_config(hf_dir)
+    hf_config = language_config(full_config)
     check_target_layout(hf_config, layout)
     args = ModelArgs.from_hf(hf_config)
     if megatron_args:
@@ -160,19 +175,31 @@ def hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, *, layout: ParallelLayo
             model = meta_model(hf_config, padded_vocab=padded, dtype=dtype)
             params = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, Tensor)}
             rules = parameter_rules(list(params), hf_config.num_hidden_layers)
-            found = {n: s.shape for n, s in specs.items()}
+            vision = vision_state(specs)
+            if bool(vision) != is_vision_language(full_config):
+                raise ConversionError(f"{hf_dir}: config.json has model_type={full_config.model_type!r} but the "
+                                      f"safetensors hold {len(vision)} {HF_VISION_PREFIX}* (vision tower) tensors")
+            found = {n: s.shape for n, s in specs.items() if n not in vision}
             if hf_config.tie_word_embeddings and "lm_head.weight" in found:
                 check_tied_copy(reader, hf_dir)
                 found.pop("lm_head.weight")
             check_shapes(found, expected_hf_shapes(params, rules, shape), where=f"{hf_dir} (safetensors)",
                          config_source=f"{hf_dir}/config.json")
             state = model_sharded_state_dict([model])
+            if vision:
+                state["vision"] = vision
             sources = shard_sources(state["model"])
+            vision_sources = {entry.key: name for name, entry in vision.items()}
             total = sum(p.numel() * p.element_size() for p in params.values())
+            total += sum(specs[name].nbytes for name in vision)
             with tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-mcore", disable=not progress) as bar:
                 source = ParameterSource(reader, rules, shape, params, dtype, bar)
 
                 def produce(key: str, offset: tuple[int, ...]) -> Tensor:
+                    if key in vision_sources:  # the vision tower: copied as stored
+                        tensor = reader.read([vision_sources[key]])[vision_sources[key]]
+                        bar.update(tensor.numel() * tensor.element_size())
+                        return tensor
                     name, entry, index = sources[(key, offset)]
                     return shard_data(entry, index, source(name))
 

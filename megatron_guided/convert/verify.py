@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from megatron_guided.megatron.layout import ParallelLayout
+from megatron_guided.models.qwen2_5_vl import language_config
 
 
 def prompts(vocab_size: int, *, count: int = 3, length: int = 12, seed: int = 0) -> Tensor:
@@ -26,9 +27,9 @@ def prompts(vocab_size: int, *, count: int = 3, length: int = 12, seed: int = 0)
 
 @torch.no_grad()
 def hf_logits(hf_dir: str | Path, input_ids: Tensor) -> Tensor:
-    from transformers import AutoModelForCausalLM
+    from megatron_guided.models.vision import load_policy_model
 
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    model = load_policy_model(hf_dir, dtype=torch.float32).eval()
     return model(input_ids=input_ids).logits.float()
 
 
@@ -74,10 +75,13 @@ class LogitsWorker:
         for chunk in self.chunks:
             chunk.eval()
 
+        positions = torch.arange(length, device=device)[None].expand_as(ids)
+        if getattr(self.chunks[0].config, "mrope_section", None):  # m-RoPE: text positions on all 3 axes
+            positions = positions[None].expand(3, -1, -1)
+
         def forward_step(data_iterator, model):
             next(data_iterator)
-            output = model(input_ids=ids, position_ids=torch.arange(length, device=device)[None].expand_as(ids),
-                           attention_mask=causal_mask(length).to(device))
+            output = model(input_ids=ids, position_ids=positions, attention_mask=causal_mask(length).to(device))
             return output, lambda out: (out.sum() * 0, {"logits": out})
 
         iterators = [iter([None]) for _ in self.chunks] if len(self.chunks) > 1 else iter([None])
@@ -89,7 +93,7 @@ class LogitsWorker:
         parts = gather_tp(outputs[0]["logits"].float(), ps.get_tensor_model_parallel_group())
         if ps.get_tensor_model_parallel_rank() != 0:
             return None
-        return torch.cat(parts, dim=-1)[..., : self.hf_config.vocab_size].cpu()
+        return torch.cat(parts, dim=-1)[..., : language_config(self.hf_config).vocab_size].cpu()
 
     def save(self, path: str) -> None:
         """`dist_checkpointing.save` of the loaded model's sharded state dict at this layout (collective)."""
@@ -139,7 +143,7 @@ def verify_logits(hf_dir: str | Path, megatron_dir: str | Path, layout: Parallel
     (tp × pp processes) are started and stopped here."""
     from transformers import AutoConfig
 
-    ids = prompts(AutoConfig.from_pretrained(str(hf_dir)).vocab_size)
+    ids = prompts(language_config(AutoConfig.from_pretrained(str(hf_dir))).vocab_size)
     reference = hf_logits(hf_dir, ids)
     group = start_ranks(layout.tp * layout.pp)
     try:

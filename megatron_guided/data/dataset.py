@@ -45,6 +45,7 @@ from typing import Any
 
 from megatron_guided.config import DataConfig
 from megatron_guided.data.images import ImageLoadError, load_images
+from megatron_guided.models.vision import VisionInputs
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
@@ -91,6 +92,9 @@ class PromptSample:
     """Decoded RGB PIL images; empty for text-only rows."""
     extra: dict = field(default_factory=dict)
     """The row's other fields (e.g. ``solution``, ``steps``)."""
+    vision: VisionInputs | None = None
+    """The processed images (pixel values, patch grids) whose tokens ``prompt_ids`` hold; None for
+    text-only rows."""
 
 
 @dataclass(kw_only=True)
@@ -370,19 +374,6 @@ def build_user_content(text: str, num_images: int) -> str | list[dict]:
     return parts
 
 
-def _to_id_list(result: Any) -> list[int]:
-    """Normalise what apply_chat_template / a processor returns to a flat ``list[int]``."""
-    if hasattr(result, "keys") and "input_ids" in result:
-        result = result["input_ids"]
-    if hasattr(result, "tolist"):
-        result = result.tolist()
-    if isinstance(result, (list, tuple)) and result and isinstance(result[0], (list, tuple)):
-        if len(result) != 1:
-            raise DataError(f"expected the ids of one prompt, got a batch of {len(result)}")
-        result = result[0]
-    return [int(t) for t in result]
-
-
 def _answer_to_str(value: Any) -> str | None:
     if isinstance(value, bool) or value is None:
         return None
@@ -403,6 +394,7 @@ class _Pending:
     images: list
     extra: dict
     prompt_ids: list[int] | None = None
+    vision: VisionInputs | None = None
 
 
 def _prepare_row(name: str, row_no: int, row: Any, cfg: DataConfig, template,
@@ -430,7 +422,8 @@ def _prepare_row(name: str, row_no: int, row: Any, cfg: DataConfig, template,
         raise DataError(f"{where}: key {ak!r} (data.answer_key) must be a string or a number, "
                         f"got {type(row[ak]).__name__}: {row[ak]!r:.80}")
     try:
-        images = load_images(row.get(ik), search_dirs=image_dirs_for(name))
+        images = load_images(row.get(ik), search_dirs=image_dirs_for(name),
+                             min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     except ImageLoadError as exc:
         raise DataError(f"{where}: key {ik!r} (data.image_key): {exc}") from None
 
@@ -468,25 +461,23 @@ def _tokenize_text_rows(pending: list[_Pending], tokenizer) -> None:
             p.prompt_ids = [int(t) for t in row_ids]
 
 
-def _tokenize_image_row(p: _Pending, processor) -> list[int]:
-    """Prompt ids of a row with images, image tokens expanded by the multimodal processor."""
-    text = processor.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False)
-    if isinstance(text, list):
-        text = text[0]
+def _tokenize_image_row(p: _Pending, processor) -> None:
+    """Prompt ids of a row with images (image tokens expanded once) and its processed images."""
     try:
-        enc = processor(text=[text], images=p.images, return_tensors="pt")
+        ids, p.vision = processor.encode_prompt(p.messages, p.images)
     except Exception as exc:
         raise DataError(f"{p.source}: the processor failed on this row's {len(p.images)} image(s): "
                         f"{type(exc).__name__}: {exc}") from None
-    return _to_id_list(enc)
+    p.prompt_ids = [int(t) for t in ids]
 
 
 def build_prompt_dataset(spec: str, cfg: DataConfig, tokenizer, *, processor=None) -> PromptDataset:
     """Read ``spec`` and build the prompts (see the module docstring).
 
     ``tokenizer`` renders and tokenises text-only rows with its chat template; rows with images
-    need ``processor`` (a multimodal processor such as Qwen2.5-VL's), whose chat template and
-    image processing give ids with the image tokens expanded. Raises :class:`DataError` on the
+    need ``processor`` (a :class:`~megatron_guided.models.vision.VisionProcessor`: its
+    ``encode_prompt(messages, images)`` gives ids with the image tokens expanded once and the
+    processed images). Raises :class:`DataError` on the
     first malformed row unless ``cfg.skip_bad_rows``; raises when no prompt is left.
     """
     stats = DatasetStats(spec=str(spec))
@@ -538,7 +529,7 @@ def build_prompt_dataset(spec: str, cfg: DataConfig, tokenizer, *, processor=Non
     for p in pending:
         if p.images:
             try:
-                p.prompt_ids = _tokenize_image_row(p, processor)
+                _tokenize_image_row(p, processor)
             except DataError as exc:
                 bad(exc)
                 continue
@@ -552,7 +543,7 @@ def build_prompt_dataset(spec: str, cfg: DataConfig, tokenizer, *, processor=Non
             continue
         samples.append(PromptSample(index=len(samples), source=p.source, messages=p.messages,
                                     prompt_ids=p.prompt_ids, ground_truth=p.ground_truth,
-                                    images=p.images, extra=p.extra))
+                                    images=p.images, extra=p.extra, vision=p.vision))
     if stats.rows_filtered_too_long:
         logger.warning("%s: dropped %d of %d prompts longer than data.max_prompt_length=%d",
                        spec, stats.rows_filtered_too_long, len(kept), max_len)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_guided.config import LOSS_AVG_MODES, ConfigError, MegatronConfig
+from megatron_guided.models.qwen2_5_vl import language_config
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +36,7 @@ def check_layout(hf_config, mg: MegatronConfig, *, gpu: bool, te: bool, loss_avg
     if mg.cp > 1 and LOSS_AVG_MODES[loss_avg_mode] != "token-mean":
         raise ConfigError(f"{key}.cp={mg.cp} splits each sequence over ranks, so per-sequence means are not "
                           f"local: use worker.actor.loss_avg_mode=token (not {loss_avg_mode!r})")
+    hf_config = language_config(hf_config)
     heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
     if heads % mg.tp or groups % mg.tp:
         raise ConfigError(f"{key}.tp={mg.tp} must divide num_attention_heads={heads} and "

@@ -1,7 +1,9 @@
 """A megatron-core GPTModel built from an HF config, with HF weights in and out.
 
 Supported: Qwen2 / Qwen2.5 (qkv bias), Qwen3 (q/k RMSNorm, explicit head_dim), Llama (dense, no
-attention/MLP bias). The layer spec is Transformer Engine's when TE imports and a GPU is present
+attention/MLP bias), and Qwen2-VL / Qwen2.5-VL: their Qwen2 decoder with m-RoPE
+(``position_embedding_type='mrope'``) and the HF vision tower beside it on the first stage
+(:mod:`megatron_guided.megatron.vision`). The layer spec is Transformer Engine's when TE imports and a GPU is present
 (FP8 possible), the local megatron-core spec otherwise (what runs on CPU/gloo). Names and tensor
 layouts come from the shared table in :mod:`megatron_guided.models.qwen2` (the conversion tools
 use the same one).
@@ -25,6 +27,9 @@ from torch import Tensor
 from megatron_guided.megatron.layout import ParallelLayout
 from megatron_guided.models.mapping import ModelShape, hf_to_megatron, megatron_to_hf
 from megatron_guided.models.qwen2 import RULES, TE_RULES, model_shape
+from megatron_guided.models.qwen2_5_vl import HF_VISION_PREFIX, MG_VISION_PREFIX, hf_vision_name, language_config
+from megatron_guided.models.qwen2_5_vl import mrope_section as vl_mrope_section
+from megatron_guided.models.vision import is_vision_language
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 
@@ -77,6 +82,11 @@ def transformer_config(hf_config, layout: ParallelLayout, *, fp8: str | None = N
     """The megatron-core TransformerConfig equivalent to `hf_config` (exact forward on the local spec)."""
     from megatron.core.transformer import TransformerConfig
 
+    if is_vision_language(hf_config):
+        kwargs_mrope = {"mrope_section": vl_mrope_section(hf_config)}
+        hf_config = language_config(hf_config)
+    else:
+        kwargs_mrope = {}
     check_supported(hf_config)
     shape = model_shape(hf_config)
     on_gpu = torch.cuda.is_available()
@@ -125,6 +135,7 @@ def transformer_config(hf_config, layout: ParallelLayout, *, fp8: str | None = N
         fp8=fp8,
         fp8_recipe=fp8_recipe if fp8 else "delayed",
         **kwargs,
+        **kwargs_mrope,
     )
 
 
@@ -138,10 +149,15 @@ def layer_spec(config, *, use_te: bool):
 
 
 def build_chunks(hf_config, layout: ParallelLayout, config, *, use_te: bool) -> list[torch.nn.Module]:
-    """This rank's GPTModel chunks (one per virtual pipeline stage), randomly initialised."""
+    """This rank's GPTModel chunks (one per virtual pipeline stage), randomly initialised; for a
+    vision-language config the first stage's chunk also holds the vision tower (`vision_model`)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    from megatron_guided.megatron.vision import build_vision_tower
+
+    vl = is_vision_language(hf_config)
+    full_config, hf_config = hf_config, language_config(hf_config)
     spec = layer_spec(config, use_te=use_te)
     vocab = padded_vocab_size(hf_config.vocab_size, divisible_by=layout.make_vocab_size_divisible_by, tp=layout.tp)
     chunks = []
@@ -153,7 +169,9 @@ def build_chunks(hf_config, layout: ParallelLayout, config, *, use_te: bool) -> 
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
             share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
-            position_embedding_type="rope", rotary_base=rope_theta(hf_config), vp_stage=vp))
+            position_embedding_type="mrope" if vl else "rope", rotary_base=rope_theta(hf_config), vp_stage=vp))
+        if vl and chunks[-1].pre_process:
+            chunks[-1].vision_model = build_vision_tower(full_config, dtype=config.params_dtype)
     return chunks
 
 
@@ -181,6 +199,10 @@ def local_to_global_names(chunk: torch.nn.Module) -> dict[str, str]:
     return names
 
 
+def is_vision_name(name: str) -> bool:
+    return name.startswith(MG_VISION_PREFIX)
+
+
 def global_layers(chunk: torch.nn.Module) -> list[int]:
     return [layer.layer_number - 1 for layer in chunk.decoder.layers]
 
@@ -190,6 +212,7 @@ def rules_for(use_te: bool):
 
 
 def mapping_shape(hf_config, layout: ParallelLayout) -> ModelShape:
+    hf_config = language_config(hf_config)
     return model_shape(hf_config, padded_vocab_size=padded_vocab_size(
         hf_config.vocab_size, divisible_by=layout.make_vocab_size_divisible_by, tp=layout.tp))
 
@@ -230,6 +253,8 @@ def hf_names_for(chunk: torch.nn.Module, available: list[str], *, tied: bool) ->
     needed = []
     for name in available:
         parts = name.split(".")
+        if name.startswith(HF_VISION_PREFIX):  # the vision tower: loaded by load_hf_weights on its own
+            continue
         if len(parts) > 2 and parts[1] == "layers":
             if int(parts[2]) in layers:
                 needed.append(name)
@@ -246,16 +271,21 @@ def load_hf_weights(chunks: list[torch.nn.Module], model_dir: str | Path, hf_con
                     *, tp_rank: int, use_te: bool) -> None:
     """Copy this rank's shards of the HF checkpoint in `model_dir` into `chunks` (every parameter
     must be covered: a missing or extra tensor is an error naming it)."""
+    from megatron_guided.megatron.vision import load_vision_tower
+
     reader = SafetensorsReader(model_dir)
     shape, rules = mapping_shape(hf_config, layout), rules_for(use_te)
     tied = bool(hf_config.tie_word_embeddings)
     for chunk in chunks:
+        if hasattr(chunk, "vision_model"):
+            names = [n for n in reader.keys() if n.startswith(HF_VISION_PREFIX)]
+            load_vision_tower(chunk.vision_model, {n[len(HF_VISION_PREFIX):]: t for n, t in reader.read(names).items()})
         hf_state = reader.read(hf_names_for(chunk, reader.keys(), tied=tied))
         if tied and chunk.post_process and not chunk.pre_process:  # last stage's copy of the embedding
             hf_state["lm_head.weight"] = hf_state.pop("model.embed_tokens.weight")
         hf_state.pop("lm_head.weight", None) if tied and chunk.pre_process else None
         shard = hf_to_megatron(hf_state, rules, layers=global_layers(chunk), tp=layout.tp, shape=shape)[tp_rank]
-        names = local_to_global_names(chunk)
+        names = {k: v for k, v in local_to_global_names(chunk).items() if not is_vision_name(k)}
         params = dict(chunk.state_dict(keep_vars=True))
         missing = [local for local, glob in names.items() if glob not in shard]
         if missing:
@@ -302,6 +332,11 @@ def iter_hf_weights(chunks: list[torch.nn.Module], hf_config, layout: ParallelLa
             layers = global_layers(chunk)
             for name, tensor in chunk_state_global(chunk).items():
                 if skip_output and name == "output_layer.weight":
+                    continue
+                if is_vision_name(name):  # replicated, HF layout already
+                    if tp_rank == 0:
+                        bucket[hf_vision_name(name)] = tensor
+                        size += tensor.numel() * tensor.element_size()
                     continue
                 full = gather_tp(tensor, tp_group)
                 if tp_rank != 0:

@@ -34,7 +34,10 @@ from megatron_guided.megatron.packing import (context_parallel_index, pack_rows,
                                               unpack)
 from megatron_guided.megatron.model import (build_chunks, causal_mask, iter_hf_weights, load_hf_weights,
                                             te_available, transformer_config)
+from megatron_guided.megatron.vision import vision_decoder_input
 from megatron_guided.megatron.vocab_parallel import vocab_parallel_logprobs
+from megatron_guided.models.qwen2_5_vl import language_config
+from megatron_guided.models.vision import MRoPE, is_vision_language
 from megatron_guided.train.batch import TrainBatch, split_by_token_budget
 from megatron_guided.train.objective import STAT_NAMES, PolicyObjective, lr_factor, mini_batch_counts
 
@@ -64,6 +67,9 @@ def pad_micro_batch(mb: TrainBatch, *, rows: int, length: int) -> TrainBatch:
         value = getattr(mb, f.name)
         if value is None:
             fields[f.name] = None
+            continue
+        if f.name == "vision":
+            fields[f.name] = value + value[:1] * extra_rows
             continue
         value = torch.cat([value, value[:1].expand(extra_rows, -1)]) if extra_rows else value
         fields[f.name] = torch.nn.functional.pad(value, (0, extra_cols)) if extra_cols else value
@@ -120,7 +126,12 @@ class MegatronWorker:
         self.objective = PolicyObjective(actor, spec.algorithm, max_response_length=spec.max_response_length)
         self.optimizer_steps = 0
         self.vocab_per_rank = chunks[-1].vocab_size // self.layout.tp
+        self.vocab_size = language_config(self.hf_config).vocab_size
         self.input_layout = self._input_layout()
+        self.mrope = MRoPE.from_config(self.hf_config) if is_vision_language(self.hf_config) else None
+        if self.mrope is not None and self.input_layout != "padded":
+            raise NotImplementedError(f"vision-language policies run with padded micro-batches only (input layout "
+                                      f"{self.input_layout!r}: unset worker.actor.padding_free and megatron.cp)")
         # FP8 GEMMs want token counts in multiples of 16; sequence parallelism splits tokens over TP
         self.pad_multiple = math.lcm(16 if mg.fp8 else 1, self.layout.tp if mg.sequence_parallel else 1)
 
@@ -198,7 +209,7 @@ class MegatronWorker:
 
         return vocab_parallel_logprobs(logits, targets.to(logits.device), temperature=self.spec.temperature,
                                        vocab_start=self.tp_rank * self.vocab_per_rank,
-                                       vocab_size=self.hf_config.vocab_size,
+                                       vocab_size=self.vocab_size,
                                        group=ps.get_tensor_model_parallel_group())
 
     def _model_inputs(self, mb: TrainBatch) -> tuple[dict[str, Any], Any]:
@@ -246,13 +257,26 @@ class MegatronWorker:
             return logp, entropy, mb.to(logits.device)
         return inputs, outputs
 
+    def _vision_inputs(self, chunk: torch.nn.Module, mb: TrainBatch) -> dict[str, Tensor]:
+        """m-RoPE positions [3, B, L] over each whole row (every stage), and on the stage holding the
+        vision tower the decoder input with the image tokens' vision embeddings."""
+        vision = mb.vision if mb.vision is not None else (None,) * mb.size
+        ids = mb.input_ids.to(self.device)
+        out = {"position_ids": self.mrope.batch_positions(mb.input_ids, mb.seq_lens.tolist(), vision).to(self.device)}
+        if hasattr(chunk, "vision_model"):
+            out["decoder_input"] = vision_decoder_input(chunk, ids, vision, image_token_id=self.mrope.image_token_id)
+        return out
+
     def _run_schedule(self, chunks: list[torch.nn.Module], micro: list[TrainBatch], loss_fn, *,
                       forward_only: bool) -> list[Any]:
         """`loss_fn(logp, entropy, aligned_batch)` runs on the last stage for each micro-batch."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator, model):
-            inputs, outputs = self._model_inputs(next(data_iterator))
+            mb = next(data_iterator)
+            inputs, outputs = self._model_inputs(mb)
+            if self.mrope is not None:
+                inputs |= self._vision_inputs(getattr(model, "module", model), mb)
             return model(**inputs), lambda logits: loss_fn(*outputs(logits))
 
         if self.layout.vpp:  # the interleaved schedule needs one tensor shape for all micro-batches

@@ -24,6 +24,12 @@ Semantics shared by every engine
   so a multi-turn rollout only prefills the new turn). Reuse never changes results, only speed
   (up to float rounding); ``Completion.cached_prompt_tokens`` reports how many prompt tokens were served
   from the cache. Sessions are dropped by ``release_session``, ``flush_cache`` and ``update_weights``.
+* **Images.** A vision-language request carries ``vision`` (:class:`~megatron_guided.models.vision.
+  VisionInputs`): ``prompt_ids`` already hold every image's tokens, expanded once by the data loader,
+  so engines never expand or re-tokenise. Every turn of a dialogue sends the same ``vision`` (the
+  images stay in the context). The in-process engine feeds ``pixel_values`` / ``image_grid_thw`` and
+  m-RoPE positions; an HTTP engine such as SGLang sends ``vision.images`` (PIL, placeholder order)
+  as ``image_data`` next to ``input_ids``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
+
+    from megatron_guided.models.vision import VisionInputs
 
 __all__ = [
     "AsyncGenerator",
@@ -127,11 +135,13 @@ class GenerationRequest:
             request with the same ``session_id`` whose ``prompt_ids`` extend (previous prompt_ids +
             previous generated ids) prefills only the new suffix. At most one request per session_id
             per ``generate`` call.
+        vision: the images of the prompt (see "Images" above); None for text-only prompts.
     """
 
     prompt_ids: list[int]
     sampling: SamplingParams
     session_id: str | None = None
+    vision: VisionInputs | None = None
 
 
 @dataclass(kw_only=True, slots=True)

@@ -175,7 +175,8 @@ class GuidedRollout:
             for k in (range(n) if slots is None else slots):
                 traj = Trajectory(prompt_ids=list(prompt.prompt_ids), group_id=group,
                                   sample_seed=sample_seed(base_seed, step, group, k),
-                                  ground_truth=prompt.ground_truth, prompt_index=prompt.index)
+                                  ground_truth=prompt.ground_truth, prompt_index=prompt.index,
+                                  vision=prompt.vision)
                 traj.guided = mask[k] and (failed_groups is None or group in failed_groups)
                 traj.extra["slot"] = k
                 reference = prompt.ground_truth if show_reference else None
@@ -184,6 +185,7 @@ class GuidedRollout:
 
     async def _policy_turn(self, traj: Trajectory, sampling: SamplingParams, session: str, budget: int):
         request = GenerationRequest(prompt_ids=traj.prompt_ids + traj.response_ids, session_id=session,
+                                    vision=traj.vision,
                                     sampling=dataclasses.replace(sampling, max_new_tokens=budget,
                                                                  seed=turn_seed(traj.sample_seed, traj.num_turns)))
         seen_before = len(traj.prompt_ids) + traj.extra.get("engine_seen_tokens", 0)

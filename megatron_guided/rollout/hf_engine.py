@@ -32,6 +32,19 @@ logits) and prefills only the rest.
 
 Only full-attention decoder stacks are supported (e.g. Qwen2 / Llama without sliding windows); the mask
 is passed as a prepared 4-D float tensor, which the ``eager`` and ``sdpa`` attention paths accept.
+
+Vision-language models (Qwen2-VL family)
+----------------------------------------
+A request's ``vision`` inputs (processed once by the data loader; the prompt ids already hold each
+image's tokens) are fed with the prefill that contains their image tokens: ``pixel_values`` of those
+rows, in row order, go to the model, which scatters the vision embeddings into the image tokens.
+Positions are m-RoPE: the prefill gets ``[3, rows, suffix]`` positions sliced from
+:class:`~megatron_guided.models.vision.MRoPE` over the row's whole prompt, and decoding feeds
+``next_position + δ`` (the row's rope delta). A session cache never ends inside the images: when
+the reusable prefix would stop before a row's last image token, the row is prefilled from its first
+image token on. The image/video placeholder tokens are never sampled (a generated one would be read
+as an image position in the next turn): they are dropped from the sampling distribution like a top-k
+truncation, and reported logprobs stay those of the full distribution.
 """
 
 from __future__ import annotations
@@ -45,6 +58,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from megatron_guided.models.qwen2_5_vl import checkpoint_name
+from megatron_guided.models.vision import MRoPE, VisionInputs, is_vision_language
 from megatron_guided.rollout.engine import (
     Completion,
     FinishReason,
@@ -158,6 +173,9 @@ class _Row:
     finish: FinishReason | None = None
     emitted: bool = False
     stop_window: int = 0
+    vision: VisionInputs | None = None
+    positions: torch.Tensor | None = None  # [3, len(prompt_ids)] m-RoPE positions (vision-language models)
+    rope_delta: int = 0
 
 
 @dataclass(slots=True)
@@ -169,6 +187,7 @@ class _Batch:
     valid: torch.Tensor  # [B, capacity] bool
     addmask: torch.Tensor  # [B, capacity] model dtype: 0 real / finfo.min hole
     next_pos: torch.Tensor  # [B] long: position of the pending token
+    rope_delta: torch.Tensor  # [B] long: m-RoPE delta added to next_pos (0 for text-only models)
     last: torch.Tensor  # [B] long: sampled, not yet fed token
     step: torch.Tensor  # [B] long: number of tokens generated so far
     temp: torch.Tensor  # [B] float32, 1.0 for greedy rows
@@ -232,7 +251,10 @@ class HFEngine:
         if not 0.0 < compact_fraction <= 1.0:
             raise ValueError(f"compact_fraction must be in (0, 1], got {compact_fraction}")
         self.model = model.eval()
-        config = model.config
+        self.mrope = MRoPE(model) if is_vision_language(model.config) else None
+        self.banned = (torch.tensor([model.config.image_token_id, model.config.video_token_id],
+                                    device=_first_param(model).device) if self.mrope is not None else None)
+        config = model.config.get_text_config()
         layer_types = getattr(config, "layer_types", None)
         if layer_types is not None and any(t != "full_attention" for t in layer_types):
             raise NotImplementedError(f"HFEngine supports full-attention models only, got layer_types={layer_types}")
@@ -302,13 +324,17 @@ class HFEngine:
         return results  # type: ignore[return-value]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy ``named_tensors`` (HF names; tied aliases such as ``lm_head.weight`` accepted) into the
+        """Copy ``named_tensors`` (HF names; tied aliases such as ``lm_head.weight`` and, for vision-language
+        models, saved-checkpoint names such as ``visual.*`` accepted) into the
         model's parameters in place. All names and shapes are checked before anything is copied; unknown
         names raise ``KeyError`` listing them. Then drops every session cache and bumps
         ``weight_version``."""
         targets: dict[str, torch.Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
         for name, buf in self.model.named_buffers(remove_duplicate=False):
             targets.setdefault(name, buf)
+        if self.mrope is not None:  # vision-language models also take saved-checkpoint names (Megatron export)
+            for name in list(targets):
+                targets.setdefault(checkpoint_name(name), targets[name])
         items = list(named_tensors)
         unknown = [name for name, _ in items if name not in targets]
         if unknown:
@@ -356,6 +382,8 @@ class HFEngine:
                 raise ValueError(f"requests[{i}].prompt_ids has ids outside [0, {self.vocab_size}): {bad[:5]}")
             if req.sampling.stop and self.decode is None:
                 raise ValueError(f"requests[{i}] has stop strings but the engine has no decode/tokenizer")
+            if req.vision is not None and self.mrope is None:
+                raise ValueError(f"requests[{i}] carries images but the engine's model is text-only")
             if req.session_id is not None:
                 if req.session_id in seen:
                     raise ValueError(f"session_id {req.session_id!r} appears twice in one generate() call")
@@ -366,7 +394,10 @@ class HFEngine:
             sp = req.sampling
             # Seeds are drawn in request order, independently of batching.
             seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng))
-            row = _Row(index=i, prompt_ids=list(req.prompt_ids), sampling=sp, session_id=req.session_id, seed=seed)
+            row = _Row(index=i, prompt_ids=list(req.prompt_ids), sampling=sp, session_id=req.session_id, seed=seed,
+                       vision=req.vision)
+            if self.mrope is not None:
+                row.positions, row.rope_delta = self.mrope.positions(row.prompt_ids, req.vision)
             if sp.stop:
                 # Stop strings are searched in the decoded tail of the generated ids; a stop string of L
                 # characters completed by the newest token spans at most L tokens (+ slack for tokens
@@ -377,6 +408,8 @@ class HFEngine:
                 if sess is not None:
                     # At least one prompt token must be fed to get next-token logits.
                     n = min(_common_prefix(sess.ids, row.prompt_ids), len(row.prompt_ids) - 1)
+                    if self.mrope is not None and self.mrope.image_token_id in row.prompt_ids[n:]:
+                        n = row.prompt_ids.index(self.mrope.image_token_id)  # all images in the prefill
                     if n > 0:
                         row.cached, row.prefix = n, sess
             rows.append(row)
@@ -436,8 +469,20 @@ class HFEngine:
         layers = [_BufferLayer(length=c_w, capacity=capacity, prefix=prefixes[i]) for i in range(self.num_layers)]
         cache = _EngineCache(layers)
 
-        pos_all = valid[:, :width].long().cumsum(-1) - 1
-        position_ids = pos_all[:, c_w:].clamp_min(0)
+        extra: dict[str, torch.Tensor] = {}
+        if self.mrope is None:
+            pos_all = valid[:, :width].long().cumsum(-1) - 1
+            position_ids = pos_all[:, c_w:].clamp_min(0)
+        else:
+            position_ids = torch.zeros(3, n, s_w, dtype=torch.long)
+            for i, r in enumerate(rows):
+                position_ids[:, i, s_w - suffix[i] :] = r.positions[:, r.cached :]
+            position_ids = position_ids.to(device)
+            # After the session rule a row's images are either all cached or all in its suffix.
+            merged = VisionInputs.concat(
+                [r.vision if self.mrope.image_token_id in r.prompt_ids[r.cached :] else None for r in rows])
+            if merged is not None:
+                extra = {"pixel_values": merged[0].to(device), "image_grid_thw": merged[1].to(device)}
         # 4-D mask [n, 1, s_w, width]: causal by slot, real keys only; pad queries see themselves.
         q_slot = torch.arange(c_w, width, device=device)[:, None]
         k_slot = torch.arange(width, device=device)[None, :]
@@ -445,7 +490,7 @@ class HFEngine:
         allowed |= (k_slot == q_slot)[None] & ~valid[:, c_w:width, None]
         min_val = torch.finfo(dtype).min
         mask4 = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, min_val)[:, None]
-        logits = self._forward(input_ids, mask4, position_ids, cache, last_only=True)
+        logits = self._forward(input_ids, mask4, position_ids, cache, last_only=True, extra=extra)
 
         addmask = torch.full((n, capacity), min_val, dtype=dtype, device=device)
         addmask.masked_fill_(valid, 0.0)
@@ -457,6 +502,7 @@ class HFEngine:
             valid=valid,
             addmask=addmask,
             next_pos=torch.tensor([len(r.prompt_ids) for r in rows], dtype=torch.long, device=device),
+            rope_delta=torch.tensor([r.rope_delta for r in rows], dtype=torch.long, device=device),
             last=torch.zeros(n, dtype=torch.long, device=device),
             step=torch.zeros(n, dtype=torch.long, device=device),
             temp=torch.tensor([r.sampling.temperature or 1.0 for r in rows], dtype=torch.float32, device=device),
@@ -489,6 +535,7 @@ class HFEngine:
         cache: Cache,
         *,
         last_only: bool,
+        extra: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
@@ -496,6 +543,7 @@ class HFEngine:
             "position_ids": position_ids,
             self._cache_kwarg: cache,
             "use_cache": True,
+            **(extra or {}),
         }
         if last_only and self._has_logits_to_keep:
             kwargs["logits_to_keep"] = 1
@@ -516,14 +564,15 @@ class HFEngine:
         ]
         mask4 = batch.addmask[:, None, None, : w + 1]
         cache = _EngineCache(layers)
-        logits = self._forward(batch.last[:, None], mask4, batch.next_pos[:, None], cache, last_only=False)
+        position = (batch.next_pos + batch.rope_delta)[:, None]  # text positions; 3-D models repeat them
+        logits = self._forward(batch.last[:, None], mask4, position, cache, last_only=False)
         batch.width = w + 1
         batch.next_pos += 1
         self._sample_and_record(batch, logits)
 
     def _sample_and_record(self, batch: _Batch, logits: torch.Tensor) -> None:
         u = batch.uniforms.gather(1, batch.step.clamp_max(batch.uniforms.shape[1] - 1)[:, None])[:, 0]
-        tokens, logps = _sample(logits, batch.temp, batch.greedy, batch.top_k, batch.top_p, u)
+        tokens, logps = _sample(logits, batch.temp, batch.greedy, batch.top_k, batch.top_p, u, banned=self.banned)
         batch.last = tokens
         batch.step += 1
         tok_list = tokens.tolist()
@@ -607,7 +656,7 @@ class HFEngine:
         batch.valid = valid[:, start:end]
         batch.addmask = batch.addmask[:, start:end].index_select(0, keep)
         batch.width = width
-        for name in ("next_pos", "last", "step", "temp", "greedy", "top_k", "top_p", "uniforms"):
+        for name in ("next_pos", "rope_delta", "last", "step", "temp", "greedy", "top_k", "top_p", "uniforms"):
             setattr(batch, name, getattr(batch, name).index_select(0, keep))
         batch.rows = rows
         return batch
@@ -664,7 +713,7 @@ class HFEngine:
             [torch.nn.functional.pad(a.uniforms, (0, n_u - a.uniforms.shape[1])),
              torch.nn.functional.pad(b.uniforms, (0, n_u - b.uniforms.shape[1]))]
         )
-        for name in ("next_pos", "last", "step", "temp", "greedy", "top_k", "top_p"):
+        for name in ("next_pos", "rope_delta", "last", "step", "temp", "greedy", "top_k", "top_p"):
             setattr(a, name, torch.cat([getattr(a, name), getattr(b, name)]))
         a.rows = rows
         return a
@@ -688,15 +737,21 @@ def _sample(
     top_k: torch.Tensor,
     top_p: torch.Tensor,
     u: torch.Tensor,
+    *,
+    banned: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row; return ``(tokens, logprobs)``.
 
     ``logprobs = log_softmax(logits / T)`` at the token (``T = 1`` for greedy rows), before any top-k /
     top-p truncation. Sampled rows draw by inverse CDF with their uniform ``u`` over the truncated,
     renormalised distribution (top-k first, then top-p on the renormalised top-k mass, keeping at least
-    the most likely token).
+    the most likely token). Ids in ``banned`` are removed before any of that (never picked, greedy or
+    sampled); their mass still counts in the reported logprobs.
     """
     logp = torch.log_softmax(logits / temp[:, None], dim=-1)
+    full_logp = logp
+    if banned is not None:  # never sampled; the reported logprob stays the full distribution's
+        logp = logp.index_fill(-1, banned, float("-inf"))
     tokens = logp.argmax(dim=-1)
     sample_rows = ~greedy
     if bool(sample_rows.any()):
@@ -718,4 +773,4 @@ def _sample(
         # u * total can round up to total: fall back to the last token with non-zero probability.
         last_pos = torch.where(probs > 0, torch.arange(vocab, device=logp.device), 0).amax(-1)
         tokens = torch.where(sample_rows, torch.minimum(idx, last_pos), tokens)
-    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+    return tokens, full_logp.gather(1, tokens[:, None])[:, 0]

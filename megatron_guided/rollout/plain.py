@@ -31,8 +31,8 @@ def plain_rollout(engine: GenerationEngine, prompts: Sequence[PromptSample], *, 
             seed = sample_seed(base_seed, step, group, k)
             trajectories.append(Trajectory(prompt_ids=list(prompt.prompt_ids), group_id=group, sample_seed=seed,
                                            ground_truth=prompt.ground_truth, prompt_index=prompt.index,
-                                           extra={"slot": k}))
-            requests.append(GenerationRequest(prompt_ids=list(prompt.prompt_ids),
+                                           extra={"slot": k}, vision=prompt.vision))
+            requests.append(GenerationRequest(prompt_ids=list(prompt.prompt_ids), vision=prompt.vision,
                                               sampling=dataclasses.replace(sampling, seed=seed)))
     for traj, completion in zip(trajectories, engine.generate(requests)):
         traj.append(completion.token_ids, completion.logprobs, trainable=True)

@@ -53,6 +53,9 @@ class Trajectory:
     reward: float | None = None
     reward_breakdown: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    vision: Any = None
+    """The prompt's :class:`~megatron_guided.models.vision.VisionInputs` (None for text-only prompts):
+    the images stay in the context for every turn and go to the trainer with the tokens."""
 
     def append(self, tokens: list[int], logprobs: list[float] | None, *, trainable: bool) -> None:
         """Append tokens; policy tokens need their sampling logprobs, context tokens must not have any."""

@@ -26,6 +26,9 @@ class TrainBatch:
     rollout_logprobs: Tensor  # [B, L-1] logprobs the generation engine reported (0 off-mask)
     old_logprobs: Tensor | None = None  # [B, L-1] behaviour-policy logprobs from the trainer
     ref_logprobs: Tensor | None = None  # [B, L-1] reference-policy logprobs (KL)
+    vision: tuple | None = None
+    """Per row its prompt's VisionInputs (None for a text row); None when no row has images. Backends
+    turn it into pixel values and m-RoPE positions over the whole row (models/vision.py)."""
 
     @property
     def size(self) -> int:
@@ -44,14 +47,17 @@ class TrainBatch:
             value = getattr(self, f.name)
             if value is None:
                 fields[f.name] = None
+            elif f.name == "vision":
+                fields[f.name] = tuple(value[i] for i in index.tolist())
             else:
                 width = length if value.shape[1] == self.input_ids.shape[1] else length - 1
                 fields[f.name] = value[index, :width]
         return TrainBatch(**fields)
 
     def to(self, device: torch.device | str) -> TrainBatch:
-        return TrainBatch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
-                             for f in dataclasses.fields(self)})
+        """Tensors moved to `device`; images stay where they are (the forward moves them)."""
+        return TrainBatch(**{f.name: getattr(self, f.name) if getattr(self, f.name) is None or f.name == "vision"
+                             else getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
 
 
 def build_train_batch(trajectories: Sequence[Trajectory], *, pad_token_id: int) -> TrainBatch:
@@ -68,8 +74,10 @@ def build_train_batch(trajectories: Sequence[Trajectory], *, pad_token_id: int) 
         start, end = len(traj.prompt_ids) - 1, len(seq) - 1
         loss_mask[i, start:end] = torch.tensor(traj.loss_mask, dtype=torch.float32)
         rollout_logprobs[i, start:end] = torch.tensor(traj.rollout_logprobs, dtype=torch.float32)
+    vision = tuple(t.vision for t in trajectories)
     return TrainBatch(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
-                      advantages=torch.zeros_like(loss_mask), rollout_logprobs=rollout_logprobs)
+                      advantages=torch.zeros_like(loss_mask), rollout_logprobs=rollout_logprobs,
+                      vision=vision if any(v is not None for v in vision) else None)
 
 
 def split_by_token_budget(lengths: Sequence[int], *, max_tokens: int, max_rows: int) -> list[list[int]]:

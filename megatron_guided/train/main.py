@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from megatron_guided.config import Config, ConfigError, VerifierConfig, load_config
 from megatron_guided.data.dataset import build_prompt_dataset
 from megatron_guided.logging import setup_logging
+from megatron_guided.models.vision import VisionProcessor, is_vision_language, load_policy_model
 from megatron_guided.reward.function import RewardManager
 from megatron_guided.rollout.batcher import async_generator
 from megatron_guided.rollout.engine import GenerationEngine
@@ -47,8 +48,12 @@ def build_trainer(cfg: Config) -> Trainer:
             model = load_policy(cfg)
         # megatron: the ranks train their own copy, so the in-process engine may take this one
         engine = build_policy_engine(cfg, model, tokenizer, copy_model=not megatron)
-    train_data = build_prompt_dataset(cfg.data.train_files, cfg.data, tokenizer)
-    val_data = build_prompt_dataset(cfg.data.val_files, cfg.data, tokenizer) if cfg.data.val_files else None
+    hf_config = AutoConfig.from_pretrained(model_cfg.model_path, trust_remote_code=model_cfg.trust_remote_code)
+    processor = VisionProcessor.from_pretrained(model_cfg.tokenizer_path or model_cfg.model_path,
+                                                tokenizer=tokenizer) if is_vision_language(hf_config) else None
+    train_data = build_prompt_dataset(cfg.data.train_files, cfg.data, tokenizer, processor=processor)
+    val_data = (build_prompt_dataset(cfg.data.val_files, cfg.data, tokenizer, processor=processor)
+                if cfg.data.val_files else None)
     if val_data is not None and cfg.data.val_max_samples > 0:
         val_data = [val_data[i] for i in range(min(cfg.data.val_max_samples, len(val_data)))]
     try:
@@ -78,10 +83,9 @@ def load_policy(cfg: Config) -> torch.nn.Module:
     model_cfg = cfg.worker.actor.model
     kwargs = dict(dtype=getattr(torch, model_cfg.dtype), attn_implementation=model_cfg.attn_implementation,
                   trust_remote_code=model_cfg.trust_remote_code)
-    if has_hf_weights(model_cfg.model_path):
-        return AutoModelForCausalLM.from_pretrained(model_cfg.model_path, **kwargs)
     config = AutoConfig.from_pretrained(model_cfg.model_path, trust_remote_code=model_cfg.trust_remote_code)
-    return AutoModelForCausalLM.from_config(config, **kwargs)
+    return load_policy_model(model_cfg.model_path, config=config, weights=has_hf_weights(model_cfg.model_path),
+                             **kwargs)
 
 
 def build_backend(cfg: Config, model: torch.nn.Module | None, *, num_mini_batches: int, total_optimizer_steps: int,

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from megatron_guided.config import ActorConfig, AlgorithmConfig, OptimConfig
+from megatron_guided.models.vision import MRoPE, is_vision_language, vision_forward_kwargs
 from megatron_guided.train.batch import TrainBatch, split_by_token_budget
 from megatron_guided.train.objective import STAT_NAMES, PolicyObjective, decays, lr_factor, mini_batch_counts
 
@@ -57,6 +58,7 @@ class TorchBackend:
         self.num_mini_batches = num_mini_batches
         self.max_response_length = max_response_length
         self.objective = PolicyObjective(actor, algorithm, max_response_length=max_response_length)
+        self.mrope = MRoPE(model) if is_vision_language(model.config) else None
         self.needs_ref = algorithm.kl_coef > 0
         self.ref_model = copy.deepcopy(model).eval().requires_grad_(False) if self.needs_ref else None
         if actor.model.enable_gradient_checkpointing:
@@ -71,13 +73,18 @@ class TorchBackend:
     @property
     def packed(self) -> bool:
         """Padding-free micro-batches: only with a varlen attention kernel. With eager/sdpa a packed
-        row would attend over its whole length (a block-diagonal mask), costing more than padding."""
+        row would attend over its whole length (a block-diagonal mask), costing more than padding.
+        Vision-language models always use padded rows (their 3-D positions are computed per row)."""
         return self.actor.padding_free and self.actor.model.attn_implementation.startswith("flash_attention")
 
     def _forward(self, model: torch.nn.Module, mb: TrainBatch, *, packed: bool | None = None) -> tuple[Tensor, Tensor]:
-        if self.packed if packed is None else packed:
+        extra = {}
+        if self.mrope is not None:  # m-RoPE positions over each whole row, the rows' images
+            vision = mb.vision if mb.vision is not None else (None,) * mb.size
+            extra = vision_forward_kwargs(self.mrope, mb.input_ids, mb.attention_mask, vision)
+        elif self.packed if packed is None else packed:
             return self._forward_packed(model, mb)
-        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False, **extra).logits
         return token_logprobs(logits, mb.input_ids, temperature=self.temperature)
 
     def _forward_packed(self, model: torch.nn.Module, mb: TrainBatch) -> tuple[Tensor, Tensor]:

@@ -25,6 +25,7 @@ from megatron_guided.config import Config, save_resolved
 from megatron_guided.data.dataset import PromptDataset
 from megatron_guided.data.sampler import PromptSampler
 from megatron_guided.logging import Tracker
+from megatron_guided.models.vision import copy_image_processor
 from megatron_guided.reward.function import RewardManager
 from megatron_guided.rollout.engine import GenerationEngine, SamplingParams
 from megatron_guided.rollout.guided import GuidedRollout, hallucination_score
@@ -260,6 +261,7 @@ class Trainer:
         def write(folder: Path) -> None:
             self.backend.save_checkpoint(folder)
             self.tokenizer.save_pretrained(folder / "huggingface")
+            copy_image_processor(self.cfg.worker.actor.model.model_path, folder / "huggingface")
 
         path = self.checkpoints.save(self.step, write=write, trainer_state=state)
         log.info("saved checkpoint %s", path)

@@ -53,7 +53,9 @@ Metrics: ``calls``, ``failures`` (FAILED replies), ``retries`` (retry attempts),
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
+import io
 import logging
 import os
 import random
@@ -197,6 +199,12 @@ def _extract_content(data: Any) -> tuple[str | None, bool]:
     return ("", True) if has_field else (None, False)
 
 
+def _png_data_url(image: Any) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 class HttpVerifier:
     """:class:`~megatron_guided.verifier.base.Verifier` over an OpenAI-style chat-completions endpoint.
 
@@ -220,6 +228,7 @@ class HttpVerifier:
         top_k: int = -1,
         max_tokens: int = 256,
         stop_token: str = DEFAULT_STOP_TOKEN,
+        multimodal: bool = False,
         transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -249,6 +258,7 @@ class HttpVerifier:
         self.top_p = float(top_p)
         self.top_k = int(top_k)
         self.max_tokens = int(max_tokens)
+        self.multimodal = multimodal
         self._transport = transport
         self._rng = rng or random.Random()
         self._client: httpx.AsyncClient | None = None
@@ -277,6 +287,7 @@ class HttpVerifier:
             top_k=cfg.top_k,
             max_tokens=cfg.max_tokens,
             stop_token=cfg.stop_token,
+            multimodal=cfg.multimodal,
         )
         if "system_prompt" not in overrides:
             kwargs["system_prompt"] = load_system_prompt(cfg.prompt_template, stop_token=cfg.stop_token)
@@ -300,10 +311,17 @@ class HttpVerifier:
                 "total_latency_s": self.total_latency_s}
 
     def request_body(self, request: VerifierRequest) -> dict[str, Any]:
-        """The JSON body sent for `request`."""
+        """The JSON body sent for `request`; with ``multimodal`` each image part becomes an OpenAI
+        ``image_url`` part holding the image as a base64 PNG data URL."""
+        messages = build_verifier_messages(request, system_prompt=self.system_prompt, multimodal=self.multimodal)
+        images = iter(request.images)
+        for message in messages:
+            if isinstance(message["content"], list):
+                message["content"] = [{"type": "image_url", "image_url": {"url": _png_data_url(next(images))}}
+                                      if part["type"] == "image" else part for part in message["content"]]
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": build_verifier_messages(request, system_prompt=self.system_prompt),
+            "messages": messages,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,

@@ -23,6 +23,7 @@ from typing import Any
 from megatron_guided.config import VerifierConfig
 from pathlib import Path
 
+from megatron_guided.models.vision import VisionProcessor, load_policy_model
 from megatron_guided.rollout.batcher import async_generator
 from megatron_guided.rollout.engine import GenerationEngine, GenerationRequest, SamplingParams
 from megatron_guided.verifier.base import (
@@ -55,10 +56,12 @@ class ModelVerifier:
     def __init__(self, engine: GenerationEngine, tokenizer: Any, *, system_prompt: str | None = None,
                  stop_token: str = DEFAULT_STOP_TOKEN, temperature: float = 0.2, top_p: float = 0.95,
                  top_k: int = -1, max_tokens: int = 256, seed: int = 0, batch_window_s: float = 0.002,
-                 max_batch_size: int | None = None, owns_engine: bool = False) -> None:
+                 max_batch_size: int | None = None, owns_engine: bool = False,
+                 processor: VisionProcessor | None = None) -> None:
         self.engine = engine
         self.owns_engine = owns_engine
         self.tokenizer = tokenizer
+        self.processor = processor
         self.stop_token = stop_token
         self.system_prompt = system_prompt if system_prompt is not None else load_system_prompt(
             None, stop_token=stop_token)
@@ -91,15 +94,27 @@ class ModelVerifier:
             engine = SGLangEngine.from_config(cfg.sglang, model_path=cfg.model_path, log_dir=log_dir, frozen=True)
         elif engine is None:
             engine = _build_hf_engine(cfg, tokenizer, seed=seed, device=device, dtype=dtype)
+        processor = None
+        if cfg.multimodal:
+            processor = VisionProcessor.from_pretrained(cfg.tokenizer_path or cfg.model_path, tokenizer=tokenizer)
         return cls(engine, tokenizer, system_prompt=load_system_prompt(cfg.prompt_template, stop_token=cfg.stop_token),
                    stop_token=cfg.stop_token, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                   max_tokens=cfg.max_tokens, seed=seed, owns_engine=owns_engine)
+                   max_tokens=cfg.max_tokens, seed=seed, owns_engine=owns_engine, processor=processor)
 
     # ------------------------------------------------------------------------------------------------------
     def render_prompt(self, request: VerifierRequest) -> str:
         """The verifier's prompt text (chat template applied, generation prompt added)."""
         messages = build_verifier_messages(request, system_prompt=self.system_prompt)
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def engine_request(self, request: VerifierRequest, sampling: SamplingParams) -> GenerationRequest:
+        """Text-only: the rendered prompt's ids. With a processor (verifier.multimodal) and images: the
+        prompt with image parts, image tokens expanded once, and the images for the engine."""
+        if self.processor is not None and request.images:
+            messages = build_verifier_messages(request, system_prompt=self.system_prompt, multimodal=True)
+            ids, vision = self.processor.encode_prompt(messages, request.images)
+            return GenerationRequest(prompt_ids=ids, sampling=sampling, vision=vision)
+        return GenerationRequest(prompt_ids=self.prompt_ids(request), sampling=sampling)
 
     def prompt_ids(self, request: VerifierRequest) -> list[int]:
         ids = self.tokenizer(self.render_prompt(request), add_special_tokens=False)["input_ids"]
@@ -111,8 +126,7 @@ class ModelVerifier:
             sampling = SamplingParams(max_new_tokens=self.sampling.max_new_tokens,
                                       temperature=self.sampling.temperature, top_p=self.sampling.top_p,
                                       top_k=self.sampling.top_k, seed=next(self._seeds))
-            completion = await self.generator.generate(
-                GenerationRequest(prompt_ids=self.prompt_ids(request), sampling=sampling))
+            completion = await self.generator.generate(self.engine_request(request, sampling))
             text = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
         except Exception as exc:
             return VerifierReply(kind=VerdictKind.FAILED, error=f"model verifier: {type(exc).__name__}: {exc}",
@@ -129,7 +143,6 @@ class ModelVerifier:
 
 def _build_hf_engine(cfg: VerifierConfig, tokenizer: Any, *, seed: int, device: str | None, dtype: Any):
     import torch
-    from transformers import AutoModelForCausalLM
 
     from megatron_guided.rollout.hf_engine import HFEngine
 
@@ -141,8 +154,7 @@ def _build_hf_engine(cfg: VerifierConfig, tokenizer: Any, *, seed: int, device: 
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=dtype,
-                                                 trust_remote_code=cfg.trust_remote_code).to(device).eval()
+    model = load_policy_model(cfg.model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(device).eval()
     gen_eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
     if tokenizer.eos_token_id is not None:

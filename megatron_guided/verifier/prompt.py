@@ -31,11 +31,26 @@ def load_system_prompt(path: str | None, *, stop_token: str = DEFAULT_STOP_TOKEN
     return template.replace("{stop_token}", stop_token)
 
 
-def build_verifier_messages(request: VerifierRequest, *, system_prompt: str) -> list[dict[str, str]]:
-    """[system, user] chat messages for an LLM verifier (images are referred to as [IMAGE k])."""
+def build_verifier_messages(request: VerifierRequest, *, system_prompt: str,
+                            multimodal: bool = False) -> list[dict]:
+    """[system, user] chat messages for an LLM verifier. Images are referred to as [IMAGE k]; with
+    ``multimodal`` the user content is a part list with one ``{"type": "image"}`` part per image
+    right after the problem (the engine or endpoint supplies ``request.images`` in that order)."""
     parts = ["### Problem", request.problem.strip()]
     if request.images:
         parts.append(" ".join(f"[IMAGE {k + 1}]" for k in range(len(request.images))))
+    if multimodal and request.images:
+        head, tail = "\n".join(parts), "\n".join(_dialogue_parts(request))
+        content = ([{"type": "text", "text": head + "\n"}] + [{"type": "image"} for _ in request.images]
+                   + [{"type": "text", "text": "\n" + tail}])
+        return [{"role": "system", "content": system_prompt}, {"role": "user", "content": content}]
+    parts += _dialogue_parts(request)
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": "\n".join(parts)}]
+
+
+def _dialogue_parts(request: VerifierRequest) -> list[str]:
+    """The reference answer (when shown), the dialogue so far and the reply instruction."""
+    parts = []
     if request.reference_answer is not None:
         parts += ["### Reference answer", str(request.reference_answer)]
     parts.append("### Dialogue so far")
@@ -43,4 +58,4 @@ def build_verifier_messages(request: VerifierRequest, *, system_prompt: str) -> 
         speaker = "Student" if turn.role == "policy" else "You"
         parts.append(f"{speaker}: {turn.content.strip()}")
     parts.append("### Your reply to the student's newest step")
-    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": "\n".join(parts)}]
+    return parts

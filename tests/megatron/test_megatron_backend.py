@@ -150,6 +150,17 @@ def test_resume_at_another_layout_continues_exactly(random_qwen2_dir, tmp_path, 
     assert_same_update(metrics, weights, expected, expected_weights, names=("loss", "grad_norm", "clipfrac", "ppo_kl"))
 
 
+def megatron_logprobs_and_weights(model_path, layout: dict, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """MegatronBackend's logprobs of `batch` and its HF weight export, ranks started and stopped here."""
+    backend = MegatronBackend(model_path=str(model_path), actor=actor_config(**layout),
+                              algorithm=AlgorithmConfig(kl_coef=0.0), temperature=TEMPERATURE, num_mini_batches=1,
+                              total_optimizer_steps=1, max_response_length=16)
+    try:
+        return backend.compute_logprobs(batch), dict(backend.export_weights())
+    finally:
+        backend.close()
+
+
 def save_random(kind: str, out):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
@@ -171,14 +182,7 @@ def test_logprobs_match_hf_for_each_family(tmp_path, kind, layout):
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     hf_logp, _ = token_logprobs(logits, batch.input_ids, temperature=TEMPERATURE)
-    backend = MegatronBackend(model_path=str(tmp_path), actor=actor_config(**layout),
-                              algorithm=AlgorithmConfig(kl_coef=0.0), temperature=TEMPERATURE, num_mini_batches=1,
-                              total_optimizer_steps=1, max_response_length=16)
-    try:
-        logp = backend.compute_logprobs(batch)
-        weights = dict(backend.export_weights())
-    finally:
-        backend.close()
+    logp, weights = megatron_logprobs_and_weights(tmp_path, layout, batch)
     mask = batch.loss_mask.bool()
     assert (logp[mask] - hf_logp[mask]).abs().max() < TOL
     state = model.state_dict()

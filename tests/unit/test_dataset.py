@@ -329,25 +329,20 @@ class FakeProcessor:
         self.tokenizer = tokenizer
         self.calls = 0
 
-    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=False):
-        assert tokenize is False
+    def encode_prompt(self, messages, images):
+        self.calls += 1
         out = ""
         for m in messages:
             content = m["content"]
             if isinstance(content, list):
                 content = "".join("<IMG>" if p["type"] == "image" else p["text"] for p in content)
             out += f"<|im_start|>{m['role']}\n{content}<|im_end|>\n"
-        return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-    def __call__(self, text, images, return_tensors=None):
-        self.calls += 1
-        (prompt,) = text
-        pieces = prompt.split("<IMG>")
+        pieces = (out + "<|im_start|>assistant\n").split("<IMG>")
         assert len(pieces) - 1 == len(images)
         expanded = pieces[0]
         for img, piece in zip(images, pieces[1:]):
             expanded += "#" * (img.size[0] * img.size[1]) + piece
-        return {"input_ids": [self.tokenizer(expanded, add_special_tokens=False)["input_ids"]]}
+        return self.tokenizer(expanded, add_special_tokens=False)["input_ids"], None
 
 
 @pytest.fixture()
