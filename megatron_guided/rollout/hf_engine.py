@@ -774,3 +774,13 @@ def _sample(
         last_pos = torch.where(probs > 0, torch.arange(vocab, device=logp.device), 0).amax(-1)
         tokens = torch.where(sample_rows, torch.minimum(idx, last_pos), tokens)
     return tokens, full_logp.gather(1, tokens[:, None])[:, 0]
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """The ids that end a completion: the model's generation-config EOS (one or a list) and the
+    tokenizer's EOS."""
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -18,7 +18,7 @@ from megatron_guided.reward.function import RewardManager
 from megatron_guided.rollout.batcher import async_generator
 from megatron_guided.rollout.engine import GenerationEngine
 from megatron_guided.rollout.guided import ChatDelta, GuidedRollout
-from megatron_guided.rollout.hf_engine import HFEngine
+from megatron_guided.rollout.hf_engine import HFEngine, eos_token_ids
 from megatron_guided.train.backend import TrainBackend
 from megatron_guided.train.torch_backend import TorchBackend
 from megatron_guided.verifier.base import Verifier
@@ -37,6 +37,7 @@ def build_trainer(cfg: Config) -> Trainer:
     model_cfg = cfg.worker.actor.model
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer_path or model_cfg.model_path,
                                               trust_remote_code=model_cfg.trust_remote_code)
+    hf_config = AutoConfig.from_pretrained(model_cfg.model_path, trust_remote_code=model_cfg.trust_remote_code)
     megatron = cfg.worker.actor.strategy == "megatron"
     model, start_group = None, None
     if cfg.cluster.launcher == "ray":  # the engines and the ranks load their models where they run
@@ -45,10 +46,9 @@ def build_trainer(cfg: Config) -> Trainer:
         cfg, engine, start_group = start_on_ray(cfg, engine_factory=build_policy_engine)
     else:
         if not (megatron and cfg.worker.rollout.engine == "sglang"):  # someone in this process needs the HF model
-            model = load_policy(cfg)
+            model = load_policy(cfg, hf_config)
         # megatron: the ranks train their own copy, so the in-process engine may take this one
         engine = build_policy_engine(cfg, model, tokenizer, copy_model=not megatron)
-    hf_config = AutoConfig.from_pretrained(model_cfg.model_path, trust_remote_code=model_cfg.trust_remote_code)
     processor = VisionProcessor.from_pretrained(model_cfg.tokenizer_path or model_cfg.model_path,
                                                 tokenizer=tokenizer) if is_vision_language(hf_config) else None
     train_data = build_prompt_dataset(cfg.data.train_files, cfg.data, tokenizer, processor=processor)
@@ -77,14 +77,16 @@ def has_hf_weights(path: str) -> bool:
     return any(Path(path).glob("*.safetensors")) or not Path(path).is_dir()
 
 
-def load_policy(cfg: Config) -> torch.nn.Module:
-    """The HF policy from model_path; for a weight-less folder (a converted Megatron checkpoint: config +
-    dist_ckpt/) the architecture only, to be filled from the Megatron ranks."""
+def load_policy(cfg: Config, hf_config=None) -> torch.nn.Module:
+    """The HF policy from model_path (`hf_config`: its config, when the caller has read it already); for
+    a weight-less folder (a converted Megatron checkpoint: config + dist_ckpt/) the architecture only,
+    to be filled from the Megatron ranks."""
     model_cfg = cfg.worker.actor.model
     kwargs = dict(dtype=getattr(torch, model_cfg.dtype), attn_implementation=model_cfg.attn_implementation,
                   trust_remote_code=model_cfg.trust_remote_code)
-    config = AutoConfig.from_pretrained(model_cfg.model_path, trust_remote_code=model_cfg.trust_remote_code)
-    return load_policy_model(model_cfg.model_path, config=config, weights=has_hf_weights(model_cfg.model_path),
+    if hf_config is None:
+        hf_config = AutoConfig.from_pretrained(model_cfg.model_path, trust_remote_code=model_cfg.trust_remote_code)
+    return load_policy_model(model_cfg.model_path, config=hf_config, weights=has_hf_weights(model_cfg.model_path),
                              **kwargs)
 
 
@@ -120,7 +122,7 @@ def build_policy_engine(cfg: Config, model: torch.nn.Module | None = None, token
         tokenizer = AutoTokenizer.from_pretrained(model_cfg.tokenizer_path or model_cfg.model_path,
                                                   trust_remote_code=model_cfg.trust_remote_code)
     model = load_policy(cfg) if model is None else model
-    return HFEngine((copy.deepcopy(model) if copy_model else model).eval(), eos_token_ids=_eos_ids(model, tokenizer),
+    return HFEngine((copy.deepcopy(model) if copy_model else model).eval(), eos_token_ids=eos_token_ids(model, tokenizer),
                     pad_token_id=tokenizer.pad_token_id, decode=tokenizer.decode,
                     max_batch_tokens=rollout.max_num_batched_tokens, seed=rollout.seed)
 
@@ -142,14 +144,6 @@ def build_guided_rollout(cfg: Config, engine: GenerationEngine, tokenizer) -> Gu
                          delta=ChatDelta(tokenizer=tokenizer, end_of_turn_id=tokenizer.eos_token_id),
                          decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
                          max_response_length=cfg.data.max_response_length)
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -144,7 +144,7 @@ class ModelVerifier:
 def _build_hf_engine(cfg: VerifierConfig, tokenizer: Any, *, seed: int, device: str | None, dtype: Any):
     import torch
 
-    from megatron_guided.rollout.hf_engine import HFEngine
+    from megatron_guided.rollout.hf_engine import HFEngine, eos_token_ids
 
     if not cfg.model_path:
         raise ValueError("worker.rollout.verifier.model_path is required for verifier.type=model")
@@ -155,8 +155,4 @@ def _build_hf_engine(cfg: VerifierConfig, tokenizer: Any, *, seed: int, device: 
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     model = load_policy_model(cfg.model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(device).eval()
-    gen_eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        eos.add(tokenizer.eos_token_id)
-    return HFEngine(model, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer, seed=seed)
+    return HFEngine(model, eos_token_ids=eos_token_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id, tokenizer=tokenizer, seed=seed)
