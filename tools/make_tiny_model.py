@@ -12,7 +12,7 @@ Options (defaults shown)::
 
     python tools/make_tiny_model.py --out models/tiny-qwen2 \
         --hidden-size 128 --layers 4 --heads 4 --kv-heads 2 \
-        --intermediate-size 512 --max-positions 512 --seed 0
+        --intermediate-size 512 --max-positions 512 --seed 0 [--patch-size 8]
 
 The output folder is a standard Hugging Face checkpoint: load it with
 ``AutoTokenizer.from_pretrained(out)`` / ``AutoModelForCausalLM.from_pretrained(out)``.
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="keep only byte symbols seen in the corpus (smaller vocab; unseen chars are dropped on encode)",
     )
+    p.add_argument("--patch-size", type=int, default=8,
+                   help="vision patch size (qwen2_5_vl); SGLang serves Qwen2.5-VL only with 14, as released")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -96,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.corpus_alphabet_only:
             p.error("--corpus-alphabet-only is for --arch qwen2 only")
         tokenizer = build_vl_tokenizer(corpus)
-        model = build_tiny_qwen2_5_vl(tokenizer, **sizes)
-        out = save_tiny_vl(model, tokenizer, build_image_processor(), args.out)
+        model = build_tiny_qwen2_5_vl(tokenizer, patch_size=args.patch_size, **sizes)
+        out = save_tiny_vl(model, tokenizer, build_image_processor(patch_size=args.patch_size), args.out)
     else:
         tokenizer = build_tokenizer(corpus, full_byte_alphabet=not args.corpus_alphabet_only)
         model = build_tiny_qwen2(tokenizer, **sizes)

@@ -1,4 +1,4 @@
-"""Loading the images of a dataset row.
+"""Loading the images of a dataset row (and encoding one for an HTTP request).
 
 A row's image column holds a list whose items may be
 
@@ -15,6 +15,7 @@ load time (naming the row) instead of in the middle of training.
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 import os
@@ -24,7 +25,7 @@ from typing import Any
 
 from PIL import Image
 
-__all__ = ["ImageLoadError", "load_image", "load_images", "resize_to_pixel_budget"]
+__all__ = ["ImageLoadError", "load_image", "load_images", "png_data_url", "resize_to_pixel_budget"]
 
 
 class ImageLoadError(ValueError):
@@ -45,6 +46,14 @@ def resize_to_pixel_budget(image: Image.Image, *, min_pixels: int | None = None,
         return image
     new_size = (max(1, int(w * factor)), max(1, int(h * factor)))
     return image.resize(new_size, Image.Resampling.BICUBIC)
+
+
+def png_data_url(image: Image.Image) -> str:
+    """``data:image/png;base64,...``: the lossless form in which images travel in HTTP requests (OpenAI
+    ``image_url`` parts, SGLang ``image_data``), so the server decodes exactly these pixels."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _describe(item: Any) -> str:

@@ -53,12 +53,15 @@ def build_vl_tokenizer(corpus: Iterable[str]):
     return tok
 
 
-def build_image_processor(*, patch_size: int = 8, merge_size: int = 2, min_pixels: int = 16 * 16,
-                          max_pixels: int = 128 * 128):
+def build_image_processor(*, patch_size: int = 8, merge_size: int = 2, min_pixels: int | None = None,
+                          max_pixels: int | None = None):
     """Qwen2-VL image processor (PIL backend when torchvision is absent) with small patches; images
-    are resized to multiples of patch_size·merge_size with area in [min_pixels, max_pixels]."""
+    are resized to multiples of patch_size·merge_size with area in [min_pixels, max_pixels] (default
+    [(patch·merge)², (16·patch)²]: 1 to 64 image tokens)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    min_pixels = (patch_size * merge_size) ** 2 if min_pixels is None else min_pixels
+    max_pixels = (16 * patch_size) ** 2 if max_pixels is None else max_pixels
     return Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2,
                                     min_pixels=min_pixels, max_pixels=max_pixels)
 

@@ -29,7 +29,10 @@ Semantics shared by every engine
   so engines never expand or re-tokenise. Every turn of a dialogue sends the same ``vision`` (the
   images stay in the context). The in-process engine feeds ``pixel_values`` / ``image_grid_thw`` and
   m-RoPE positions; an HTTP engine such as SGLang sends ``vision.images`` (PIL, placeholder order)
-  as ``image_data`` next to ``input_ids``.
+  as ``image_data`` next to ``input_ids``. A completion never contains an image/video placeholder
+  token (the next turn would read it as an image position): the in-process engine never samples one
+  (its reported log-probs stay the full distribution's), SGLang ends the completion where the policy
+  emits one and drops it (``STOP``). Either way every kept token's log-prob is the policy's own.
 """
 
 from __future__ import annotations

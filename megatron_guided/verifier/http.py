@@ -53,9 +53,7 @@ Metrics: ``calls``, ``failures`` (FAILED replies), ``retries`` (retry attempts),
 from __future__ import annotations
 
 import asyncio
-import base64
 import email.utils
-import io
 import logging
 import os
 import random
@@ -68,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from megatron_guided.data.images import png_data_url
 from megatron_guided.verifier.base import (
     DEFAULT_STOP_TOKEN,
     VerdictKind,
@@ -199,12 +198,6 @@ def _extract_content(data: Any) -> tuple[str | None, bool]:
     return ("", True) if has_field else (None, False)
 
 
-def _png_data_url(image: Any) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 class HttpVerifier:
     """:class:`~megatron_guided.verifier.base.Verifier` over an OpenAI-style chat-completions endpoint.
 
@@ -317,7 +310,7 @@ class HttpVerifier:
         images = iter(request.images)
         for message in messages:
             if isinstance(message["content"], list):
-                message["content"] = [{"type": "image_url", "image_url": {"url": _png_data_url(next(images))}}
+                message["content"] = [{"type": "image_url", "image_url": {"url": png_data_url(next(images))}}
                                       if part["type"] == "image" else part for part in message["content"]]
         body: dict[str, Any] = {
             "model": self.model,

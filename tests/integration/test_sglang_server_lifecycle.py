@@ -51,7 +51,7 @@ def test_command_and_environment():
         "/venv/bin/python", "-m", "sglang.launch_server", "--model-path", "/m", "--host", "127.0.0.1",
         "--port", "1234", "--tp-size", "2", "--mem-fraction-static", "0.05", "--dtype", "float32",
         "--device", "cpu", "--enable-cache-report", "--attention-backend", "torch_native",
-        "--max-total-tokens", "65536"]
+        "--image-processor-backend", "pil", "--max-total-tokens", "65536"]
     cfg.env = {"OMP_NUM_THREADS": "1"}
     env = server_env(cfg, {"PYTHONPATH": "/old", "HOME": "/root"})
     assert env == {"PYTHONPATH": "/stubs" + os.pathsep + "/old", "HOME": "/root", "SGLANG_USE_CPU_ENGINE": "1",

@@ -13,6 +13,13 @@ served the session before (sticky routing), where its earlier prompt + completio
 prefixes across sessions (the n samples of one prompt), and evicts by LRU, so ``release_session`` only
 drops the routing entry.
 
+Images (vision-language policies and verifiers): a request's ``vision.images`` go as ``image_data``
+(PNG data URLs, encoded once per :class:`~megatron_guided.models.vision.VisionInputs`, however many
+turns and samples re-send them) and each image's token run is collapsed for SGLang to expand (see
+:mod:`.protocol`). Every turn re-sends the images, and SGLang's radix cache keys image tokens by image
+content, so the earlier turns' prefix is still served from the cache. A completion that emits an
+image/video placeholder ends there without it (see :mod:`.protocol`).
+
 ``update_weights``: pause generation → weight sync (:mod:`.weight_sync`) stamped with the new
 ``weight_version`` → flush the radix cache → continue → check that every server reports the new
 version. An engine without a weight sync is frozen (the verifier) and refuses updates.
@@ -22,15 +29,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from megatron_guided.config import SGLangConfig
+from megatron_guided.data.images import png_data_url
+from megatron_guided.models.qwen2_5_vl import checkpoint_name
 from megatron_guided.rollout.engine import AsyncGenerator, Completion, GenerationRequest
 from megatron_guided.rollout.sglang.client import SGLangClient
 from megatron_guided.rollout.sglang.protocol import (
+    ImageTokens,
     format_weight_version,
     generate_payload,
     parse_completion,
@@ -40,9 +51,33 @@ from megatron_guided.rollout.sglang.server import SGLangServer, SGLangServerErro
 from megatron_guided.rollout.sglang.weight_sync import WeightSync, weight_sync_from_config
 from megatron_guided.utils.loop_thread import LoopThread
 
-__all__ = ["SGLangEngine"]
+__all__ = ["SGLangEngine", "image_tokens_of"]
 
 log = logging.getLogger(__name__)
+
+SGLANG_QWEN2_5_VL_PATCH_DIM = 1176
+"""SGLang 0.5.23's ``Qwen2_5_VLForConditionalGeneration.get_image_feature`` runs the vision tower only
+on ``pixel_values`` rows of exactly this width (3 channels · temporal patch 2 · 14 · 14, the released
+checkpoints' patches); rows of any other width are taken as precomputed embeddings and crash or, worse,
+skip the tower."""
+
+
+def image_tokens_of(config) -> ImageTokens | None:
+    """The image tokens of a served HF config (None for a text model); refuses a Qwen2.5-VL whose patch
+    size SGLang cannot serve (:data:`SGLANG_QWEN2_5_VL_PATCH_DIM`), naming the field."""
+    vision = getattr(config, "vision_config", None)
+    if vision is None or getattr(config, "image_token_id", None) is None:
+        return None
+    if config.model_type == "qwen2_5_vl":
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        if width != SGLANG_QWEN2_5_VL_PATCH_DIM:
+            raise ValueError(f"vision_config.patch_size={vision.patch_size} gives {width}-wide image patches; SGLang "
+                             f"serves Qwen2.5-VL only with {SGLANG_QWEN2_5_VL_PATCH_DIM}-wide ones (patch_size=14, "
+                             "as released): use worker.rollout.engine=hf for this model, or build it with "
+                             "tools/make_tiny_model.py --patch-size 14")
+    video = getattr(config, "video_token_id", None)
+    return ImageTokens(image_token_id=int(config.image_token_id), merge_size=int(vision.spatial_merge_size),
+                       video_token_id=None if video is None else int(video))
 
 
 class SGLangEngine:
@@ -53,16 +88,24 @@ class SGLangEngine:
         vocab_size: prompt ids are checked against it before sending (an out-of-range id crashes
             SGLang 0.5.23 instead of being rejected).
         weight_sync: how :meth:`update_weights` reaches the servers; None = frozen (never updated).
+        image_tokens: the served model's image tokens (:func:`image_tokens_of`); None = text-only, and
+            requests with images are refused.
         device: the servers' device; ``cpu`` refuses memory release (it crashes SGLang's CPU engine).
         pause_mode: ``/pause_generation`` mode around weight updates (abort | retract | in_place).
         timeout_s, max_retries, retry_interval_s: see :class:`SGLangClient`.
     """
 
+    IMAGE_CACHE_SIZE = 1024
+    """Encoded images kept (per VisionInputs, least recently used out): a step's prompts at the least."""
+
     def __init__(self, servers: Sequence[SGLangServer], *, vocab_size: int | None,
-                 weight_sync: WeightSync | None = None, device: str = "cuda", pause_mode: str = "in_place",
+                 weight_sync: WeightSync | None = None, image_tokens: ImageTokens | None = None,
+                 device: str = "cuda", pause_mode: str = "in_place",
                  timeout_s: float = 600.0, max_retries: int = 3, retry_interval_s: float = 0.5) -> None:
         self.servers = list(servers)
         self.vocab_size = vocab_size
+        self.image_tokens = image_tokens
+        self._image_data: OrderedDict[int, tuple[object, list[str]]] = OrderedDict()
         self.weight_sync = weight_sync
         self.device = device
         self.pause_mode = pause_mode
@@ -88,11 +131,14 @@ class SGLangEngine:
         ``weight_sync_dir``)."""
         from transformers import AutoConfig
 
-        vocab_size = int(AutoConfig.from_pretrained(model_path).get_text_config().vocab_size)
+        config = AutoConfig.from_pretrained(model_path)
+        vocab_size = int(config.get_text_config().vocab_size)
+        image_tokens = image_tokens_of(config)
         weight_sync = None if frozen else weight_sync_from_config(cfg, default_dir=weight_sync_dir)
         servers = start_servers(model_path, cfg, log_dir=log_dir)
         try:
-            return cls(servers, vocab_size=vocab_size, weight_sync=weight_sync, device=cfg.device,
+            return cls(servers, vocab_size=vocab_size, weight_sync=weight_sync, image_tokens=image_tokens,
+                       device=cfg.device,
                        pause_mode=cfg.pause_mode, timeout_s=cfg.request_timeout_s, max_retries=cfg.max_retries,
                        retry_interval_s=cfg.retry_interval_s)
         except BaseException:
@@ -114,6 +160,8 @@ class SGLangEngine:
         if self.weight_sync is None:
             raise RuntimeError("this SGLang engine is frozen (no weight sync configured): it serves a fixed "
                                "model such as the verifier and is never updated")
+        if self.image_tokens is not None:  # SGLang's loader reads saved-checkpoint names, not transformers 5 module names
+            named_tensors = ((checkpoint_name(name), tensor) for name, tensor in named_tensors)
         version = self.weight_version + 1
         self._run(self._update(named_tensors, version))
         self.weight_version = version
@@ -166,10 +214,27 @@ class SGLangEngine:
             raise RuntimeError(f"{what} is GPU-only: SGLang's CPU engine crashes on it, so it is never called "
                                "with device=cpu (colocated memory release needs worker.rollout.sglang.device=cuda)")
 
+    def _encoded_images(self, vision) -> list[str] | None:
+        """``vision.images`` as PNG data URLs, encoded once per VisionInputs object (turns and samples of
+        one prompt share it)."""
+        if vision is None:
+            return None
+        hit = self._image_data.get(id(vision))
+        if hit is not None and hit[0] is vision:
+            self._image_data.move_to_end(id(vision))
+            return hit[1]
+        urls = [png_data_url(image) for image in vision.images]
+        self._image_data[id(vision)] = (vision, urls)
+        while len(self._image_data) > self.IMAGE_CACHE_SIZE:
+            self._image_data.popitem(last=False)
+        return urls
+
     async def _generate_one(self, request: GenerationRequest) -> Completion:
-        payload = generate_payload(request, vocab_size=self.vocab_size)
+        payload = generate_payload(request, vocab_size=self.vocab_size, image_tokens=self.image_tokens,
+                                   image_data=self._encoded_images(request.vision))
         answer = await self.client.generate(payload, session_id=request.session_id)
-        return parse_completion(answer, prompt_len=len(request.prompt_ids))
+        return parse_completion(answer, prompt_len=len(request.prompt_ids),
+                                placeholders=self.image_tokens.placeholders if self.image_tokens else ())
 
     async def _generate_all(self, requests: list[GenerationRequest]) -> list[Completion]:
         try:

@@ -9,6 +9,16 @@ Checked against responses recorded from a real SGLang 0.5.23 server
   does not support: on CPU, seeded sampled requests are not reproducible; greedy ones are).
   Stop strings are sent with ``no_stop_trim`` so that the returned text matches ``output_ids``, which
   always keep the stop-completing token (our :class:`SamplingParams` semantics).
+* Images (vision-language models): ``image_data``, one PNG data URL per image in placeholder order,
+  and in ``input_ids`` each image's run of ``<|image_pad|>`` tokens collapsed to a single one, since
+  SGLang's Qwen-VL processor expands each ``<|vision_start|><|image_pad|><|vision_end|>`` itself (from
+  the image grid it computes with the model's own image processor) and computes the m-RoPE positions
+  of the expanded sequence. Our ``prompt_ids`` hold the expanded runs (the form the trainer scores),
+  so images are expanded exactly once on either side; ``cached_tokens`` counts expanded positions.
+  A generated image/video placeholder would be read as an image position on the next turn, so the
+  placeholders are ``stop_token_ids``: a completion that emits one ends there, the placeholder is dropped
+  from it and it finishes as ``STOP`` (SGLang's ``logit_bias`` could forbid them instead, but its
+  log-probs would then be renormalised without them and no longer the policy's).
 * Response: ``output_ids``; ``meta_info.output_token_logprobs`` as ``[logprob, token_id, text]``
   triples; ``meta_info.finish_reason`` (``{"type": "length"}``, ``{"type": "stop", "matched": <EOS id>}``,
   ``{"type": "stop", "matched": "<stop string>"}`` or ``{"type": "abort", "message": ...}``);
@@ -19,14 +29,18 @@ Checked against responses recorded from a real SGLang 0.5.23 server
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from megatron_guided.rollout.engine import Completion, FinishReason, GenerationRequest
 
 __all__ = [
+    "ImageTokens",
     "SGLangProtocolError",
     "SGLangRequestAborted",
     "format_weight_version",
+    "collapse_image_tokens",
     "generate_payload",
     "parse_completion",
     "parse_weight_version",
@@ -44,11 +58,55 @@ class SGLangRequestAborted(RuntimeError):
     """The server aborted the request (finish_reason type "abort"), e.g. it was paused with mode=abort."""
 
 
-def generate_payload(request: GenerationRequest, *, vocab_size: int | None = None) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class ImageTokens:
+    """How a served vision-language model marks images in its token ids."""
+
+    image_token_id: int
+    """``<|image_pad|>``."""
+    merge_size: int
+    """``vision_config.spatial_merge_size``: an image of grid (t, h, w) takes t·h·w / merge² tokens."""
+    video_token_id: int | None = None
+    """``<|video_pad|>``."""
+
+    @property
+    def placeholders(self) -> list[int]:
+        """The ids a completion must never contain."""
+        return [t for t in (self.image_token_id, self.video_token_id) if t is not None]
+
+
+def collapse_image_tokens(ids: Sequence[int], image_tokens: ImageTokens, tokens_per_image: Sequence[int]) -> list[int]:
+    """``ids`` with each image's run of image tokens replaced by one image token.
+
+    Checks that the runs are exactly the images' expansions (run k holds ``tokens_per_image[k]``
+    tokens), so a prompt whose images were expanded twice, or not at all, fails here.
+    """
+    image = image_tokens.image_token_id
+    out: list[int] = []
+    runs: list[int] = []
+    for i, token in enumerate(ids):
+        if token != image:
+            out.append(token)
+        elif i > 0 and ids[i - 1] == image:
+            runs[-1] += 1
+        else:
+            out.append(token)
+            runs.append(1)
+    if runs != list(tokens_per_image):
+        raise ValueError(f"prompt_ids hold image-token runs of lengths {runs}; the request's images need "
+                         f"{list(tokens_per_image)} (each image expanded exactly once, in order)")
+    return out
+
+
+def generate_payload(request: GenerationRequest, *, vocab_size: int | None = None,
+                     image_tokens: ImageTokens | None = None,
+                     image_data: Sequence[str] | None = None) -> dict[str, Any]:
     """The ``POST /generate`` body for one request.
 
     Token ids are checked against ``vocab_size`` first: SGLang 0.5.23 crashes (the whole server
-    exits) on an out-of-range id instead of rejecting the request.
+    exits) on an out-of-range id instead of rejecting the request. A request with ``vision`` needs
+    the served model's ``image_tokens`` and its images encoded as ``image_data`` (PNG data URLs, see
+    :func:`~megatron_guided.data.images.png_data_url`).
     """
     ids = request.prompt_ids
     if not ids:
@@ -67,11 +125,26 @@ def generate_payload(request: GenerationRequest, *, vocab_size: int | None = Non
         params["no_stop_trim"] = True
     if s.seed is not None:
         params["sampling_seed"] = s.seed
-    return {"input_ids": list(ids), "sampling_params": params, "return_logprob": True}
+    if image_tokens is not None:
+        params["stop_token_ids"] = image_tokens.placeholders
+    payload: dict[str, Any] = {"input_ids": list(ids), "sampling_params": params, "return_logprob": True}
+    if request.vision is not None:
+        if image_tokens is None:
+            raise ValueError("the request has images but the served model is not a vision-language model")
+        if image_data is None or len(image_data) != request.vision.num_images:
+            raise ValueError(f"the request has {request.vision.num_images} images, image_data has "
+                             f"{None if image_data is None else len(image_data)}")
+        payload["input_ids"] = collapse_image_tokens(
+            ids, image_tokens, request.vision.tokens_per_image(image_tokens.merge_size))
+        payload["image_data"] = list(image_data)
+    return payload
 
 
-def parse_completion(response: Any, *, prompt_len: int) -> Completion:
-    """A :class:`Completion` from one ``/generate`` response object (raises naming the bad field)."""
+def parse_completion(response: Any, *, prompt_len: int, placeholders: Sequence[int] = ()) -> Completion:
+    """A :class:`Completion` from one ``/generate`` response object (raises naming the bad field).
+
+    A completion that stopped on one of ``placeholders`` (the served model's image/video tokens, sent as
+    ``stop_token_ids``) loses that last token and finishes as ``STOP``."""
     if not isinstance(response, dict):
         raise SGLangProtocolError(f"/generate response must be a JSON object, got {type(response).__name__}")
     output_ids = _field(response, "output_ids", list)
@@ -87,6 +160,8 @@ def parse_completion(response: Any, *, prompt_len: int) -> Completion:
             raise SGLangProtocolError(f"meta_info.output_token_logprobs[{i}]={triple!r} does not match "
                                       f"output_ids[{i}]={token}")
         logprobs.append(float(triple[0]))
+    if output_ids and output_ids[-1] in placeholders and finish is FinishReason.EOS:
+        output_ids, logprobs, finish = output_ids[:-1], logprobs[:-1], FinishReason.STOP
     cached = meta.get("cached_tokens", 0)
     if not isinstance(cached, int) or cached < 0:
         raise SGLangProtocolError(f"meta_info.cached_tokens must be a non-negative int, got {cached!r}")

@@ -8,9 +8,10 @@ normally or on an exception / Ctrl-C, and by the kernel when this process is kil
 from a thread that lives as long as the servers should, normally the main thread; SGLang's own
 subprocesses die with it). Attached servers (``worker.rollout.sglang.urls``) are never stopped.
 
-On ``device=cpu`` the server runs SGLang's CPU engine: ``SGLANG_USE_CPU_ENGINE=1`` and the
-``torch_native`` attention backend (see ``../shared/reference/serving-on-cpu.md``; on a machine without
-the CUDA kernel package, ``tests/sglang_stubs`` must be on ``pythonpath``).
+On ``device=cpu`` the server runs SGLang's CPU engine: ``SGLANG_USE_CPU_ENGINE=1``, the
+``torch_native`` attention backend (see ``../shared/reference/serving-on-cpu.md``) and the PIL image
+processor (vision-language models; the torchvision one is for GPU hosts). On a machine without the CUDA
+kernel package, ``tests/sglang_stubs`` must be on ``pythonpath``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def server_command(model_path: str, cfg: SGLangConfig, *, port: int) -> list[str
            "--mem-fraction-static", str(cfg.mem_fraction_static), "--dtype", cfg.dtype,
            "--device", cfg.device, "--enable-cache-report"]
     if cfg.device == "cpu":
-        cmd += ["--attention-backend", "torch_native"]
+        cmd += ["--attention-backend", "torch_native", "--image-processor-backend", "pil"]
     return cmd + list(cfg.extra_args)
 
 

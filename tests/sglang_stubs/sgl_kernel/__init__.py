@@ -40,3 +40,27 @@ def __getattr__(name: str):
     if name.startswith("__"):
         raise AttributeError(name)
     return _CudaOnly(name)
+
+
+# Looked up from ``torch.ops.sgl_kernel`` when ``sglang.srt.models.qwen3_5`` is imported on CPU (the Qwen-VL
+# multimodal processor imports that module); never called for the models served here. Only these names:
+# SGLang probes other ops with ``hasattr`` to pick CPU-kernel paths, and those probes must stay False.
+IMPORT_TIME_OPS = frozenset({
+    "fused_sigmoid_mul_cpu",
+    "fused_qk_gemma_rmsnorm_cpu",
+    "fused_qk_gemma_rmsnorm_with_gate_cpu",
+    "fused_qkvzba_split_reshape_cat_contiguous_cpu",
+})
+
+
+class _CpuOpNamespace(torch._ops._OpNamespace):
+    """``torch.ops.sgl_kernel`` where the real package registers its CPU kernels: :data:`IMPORT_TIME_OPS`
+    resolve to placeholders that raise when called; everything else is missing, as without the package."""
+
+    def __getattr__(self, op_name: str):
+        if op_name in IMPORT_TIME_OPS:
+            return _CudaOnly(f"ops.{op_name}")
+        return super().__getattr__(op_name)
+
+
+torch.ops.sgl_kernel = _CpuOpNamespace("sgl_kernel")

@@ -8,6 +8,7 @@ model never calls it, and a multimodal path that does fails loudly instead of si
 
 from __future__ import annotations
 
+import enum
 import importlib.abc
 import importlib.machinery
 import sys
@@ -38,9 +39,27 @@ def _module_getattr(module_name: str):
     def __getattr__(attr: str):
         if attr.startswith("__"):
             raise AttributeError(attr)
+        if attr in _REAL_ATTRIBUTES:
+            return _REAL_ATTRIBUTES[attr]
         return _Unavailable(f"{module_name}.{attr}")
 
     return __getattr__
+
+
+class InterpolationMode(enum.Enum):
+    """The real enum's members (``torchvision.transforms.InterpolationMode``): transformers and SGLang use
+    it in annotations and defaults at class-definition time, never to resize anything here."""
+
+    NEAREST = "nearest"
+    NEAREST_EXACT = "nearest-exact"
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+    BOX = "box"
+    HAMMING = "hamming"
+    LANCZOS = "lanczos"
+
+
+_REAL_ATTRIBUTES = {"InterpolationMode": InterpolationMode}
 
 
 class _StubLoader(importlib.abc.Loader):
