@@ -1,11 +1,14 @@
 """MegatronBackend with a Qwen2.5-VL policy on real megatron-core over gloo: the vision tower beside
 the GPTModel (its embeddings as decoder_input) and m-RoPE (position_embedding_type='mrope') give the
-HF model's own logprobs on multi-turn, image-bearing trajectories at TP=1 and TP=2 (fp32, 1e-5), from
-HF weights and from a converted checkpoint; the weight export (vision tower included) is the exact
+HF model's own logprobs on multi-turn, image-bearing trajectories at TP=1, TP=2 and PP=2 (fp32, 1e-5),
+from HF weights and from a converted checkpoint; the weight export (vision tower included) is the exact
 inverse of the load; `--verify` of a converted VL model passes at TP=2; one GRPO update (vision tower
-trained too) equals TorchBackend's."""
+trained too) equals TorchBackend's, and so does the second step of a run checkpointed at PP=2 and
+resumed at TP=1."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -63,9 +66,11 @@ def hf_logprobs(model, batch) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("layout, converted", [({}, False), ({"tp": 2}, True)], ids=["tp1-hf", "tp2-converted"])
+@pytest.mark.parametrize("layout, converted", [({}, False), ({"tp": 2}, True), ({"pp": 2}, False)],
+                         ids=["tp1-hf", "tp2-converted", "pp2-hf"])
 def test_vl_logprobs_match_hf(vl_setup, tmp_path, layout, converted):
-    """TP=1 loads the HF safetensors; TP=2 loads the converter's dist_ckpt folder (vision_model.* keys)."""
+    """TP=1 loads the HF safetensors; TP=2 loads the converter's dist_ckpt folder (vision_model.* keys);
+    PP=2 runs the vision tower on the first stage only and hands its decoder_input down the pipeline."""
     model, path, batch = vl_setup
     source = path
     if converted:
@@ -118,13 +123,62 @@ def test_vl_update_matches_torch_backend(vl_setup):
     for name in ("loss", "grad_norm", "entropy"):
         assert metrics[name] == pytest.approx(expected[name], abs=TOL), name
     assert weights.keys() == expected_weights.keys() - {"lm_head.weight"}
-    # Adam turns float-rounding differences of near-zero gradients (the sharpened model's reduction order
-    # differs between the backends) into up to ~0.1 of a learning-rate step on single weights, so each
-    # tensor's update is compared as a whole: |Δ_megatron − Δ_torch| / |Δ_torch| (Frobenius norms).
+    # the sharpened model's reduction order differs between the backends: see relative_update_errors
     initial = {checkpoint_name(k): v for k, v in model.state_dict().items()}
-    rel = {n: float((t - expected_weights[n]).norm() / (expected_weights[n] - initial[n]).norm())
-           for n, t in weights.items()}
+    rel = relative_update_errors(weights, expected_weights, initial)
     worst = max(rel, key=rel.get)
     moved = max(float((expected_weights[n] - initial[n]).abs().max()) for n in weights if n.startswith("visual."))
     print(f"update: worst relative update error {rel[worst]:.1e} ({worst}), vision tower moved {moved:.1e}")
     assert rel[worst] < 5e-3 and moved > 5e-5
+
+
+def relative_update_errors(weights, expected_weights, initial) -> dict[str, float]:
+    """Per tensor |W − W_expected| / |W_expected − W_initial| (Frobenius norms): Adam turns float-rounding
+    differences of near-zero gradients into up to ~0.1 of a learning-rate step on single weights, so each
+    tensor's update is compared as a whole."""
+    return {n: float((t - expected_weights[n]).norm() / (expected_weights[n] - initial[n]).norm())
+            for n, t in weights.items()}
+
+
+def test_vl_checkpoint_at_pp2_resumes_at_tp1(vl_setup, tmp_path):
+    """Step 1 at PP=2 (vision tower on stage 0 only), checkpoint, resume at TP=1: step 2 equals an
+    uninterrupted TorchBackend run's (vision tower and Adam state included); the checkpoint's
+    huggingface/ export loads as a Qwen2.5-VL."""
+    from megatron_guided.config import AlgorithmConfig
+    from megatron_guided.models.qwen2_5_vl import checkpoint_name
+    from megatron_guided.train.megatron_backend import MegatronBackend
+    from megatron_guided.train.torch_backend import TorchBackend
+
+    model, path, batch = vl_setup
+    first, second = batch, copy.deepcopy(batch)
+    first.advantages = torch.linspace(-1, 1, batch.size)[:, None] * batch.loss_mask
+    second.advantages = -first.advantages
+    reference = TorchBackend(copy.deepcopy(model), actor=actor_config(), algorithm=AlgorithmConfig(), **UPDATE_KWARGS)
+    reference.train_step(first)
+    after_first = {checkpoint_name(n): t.clone() for n, t in reference.export_weights()}
+    expected = reference.train_step(second)
+    expected_weights = {checkpoint_name(n): t for n, t in reference.export_weights()}
+
+    backend = MegatronBackend(model_path=str(path), actor=actor_config(pp=2), algorithm=AlgorithmConfig(),
+                              **UPDATE_KWARGS)
+    try:
+        backend.train_step(first)
+        backend.save_checkpoint(tmp_path)
+    finally:
+        backend.close()
+    exported = load_policy_model(tmp_path / "huggingface", dtype=torch.float32)  # (the trainer adds the
+    assert exported.config.model_type == "qwen2_5_vl"  # tokenizer and image processor beside it)
+    resumed = MegatronBackend(model_path=str(path), actor=actor_config(), algorithm=AlgorithmConfig(), **UPDATE_KWARGS)
+    try:
+        resumed.load_checkpoint(tmp_path)
+        metrics = resumed.train_step(second)
+        weights = dict(resumed.export_weights())
+    finally:
+        resumed.close()
+    assert metrics["loss"] == pytest.approx(expected["loss"], abs=TOL)
+    assert metrics["entropy"] == pytest.approx(expected["entropy"], abs=TOL)
+    assert metrics["grad_norm"] == pytest.approx(expected["grad_norm"], rel=TOL)  # ~12 on the sharpened model
+    rel = relative_update_errors(weights, expected_weights, after_first)
+    worst = max(rel, key=rel.get)
+    print(f"resumed step 2: worst relative update error {rel[worst]:.1e} ({worst})")
+    assert rel[worst] < 5e-3
