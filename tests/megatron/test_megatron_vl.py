@@ -1,6 +1,6 @@
 """MegatronBackend with a Qwen2.5-VL policy on real megatron-core over gloo: the vision tower beside
 the GPTModel (its embeddings as decoder_input) and m-RoPE (position_embedding_type='mrope') give the
-HF model's own logprobs on multi-turn, image-bearing trajectories at TP=1, TP=2 and PP=2 (fp32, 1e-5),
+HF model's own logprobs on multi-turn, image-bearing trajectories at TP=1, TP=2, PP=2 and PP=2 × VPP=2 (fp32, 1e-5),
 from HF weights and from a converted checkpoint; the weight export (vision tower included) is the exact
 inverse of the load; `--verify` of a converted VL model passes at TP=2; one GRPO update (vision tower
 trained too) equals TorchBackend's, and so does the second step of a run checkpointed at PP=2 and
@@ -66,8 +66,9 @@ def hf_logprobs(model, batch) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("layout, converted", [({}, False), ({"tp": 2}, True), ({"pp": 2}, False)],
-                         ids=["tp1-hf", "tp2-converted", "pp2-hf"])
+@pytest.mark.parametrize("layout, converted", [({}, False), ({"tp": 2}, True), ({"pp": 2}, False),
+                                               ({"pp": 2, "vpp": 2}, False)],
+                         ids=["tp1-hf", "tp2-converted", "pp2-hf", "pp2-vpp2-hf"])
 def test_vl_logprobs_match_hf(vl_setup, tmp_path, layout, converted):
     """TP=1 loads the HF safetensors; TP=2 loads the converter's dist_ckpt folder (vision_model.* keys);
     PP=2 runs the vision tower on the first stage only and hands its decoder_input down the pipeline."""
