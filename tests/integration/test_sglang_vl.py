@@ -1,6 +1,7 @@
 """Vision-language policies on SGLang: a real SGLang 0.5.23 server (CPU engine) serving a tiny local
-Qwen2.5-VL, against the in-process engine, and two guided GRPO steps on the toy visual task with the
-SGLang policy (weight-synced) and a multimodal SGLang verifier.
+Qwen2.5-VL, against the in-process engine (through /generate and, for a multimodal HttpVerifier, the
+OpenAI-style /v1/chat/completions), and two guided GRPO steps on the toy visual task with the SGLang
+policy (weight-synced) and a multimodal SGLang verifier.
 
 The tiny model is built with patch size 14: SGLang serves Qwen2.5-VL only with the released patch shape
 (see ``SGLANG_QWEN2_5_VL_PATCH_DIM``). Needs the SGLang venv (SGLANG_PYTHON, see the README)."""
@@ -95,6 +96,53 @@ def test_a_request_whose_images_are_not_expanded_once_is_refused(served, vl14_di
     doubled = [t for t in ids for _ in range(2 if t == pad else 1)]
     with pytest.raises(ValueError, match=r"image-token runs of lengths \[8\]; the request's images need \[4\]"):
         served.generate([GenerationRequest(prompt_ids=doubled, sampling=SamplingParams(max_new_tokens=2), vision=vision)])
+
+
+def test_http_verifier_sends_images_to_sglangs_openai_endpoint(served, vl14_dir):
+    """A multimodal HttpVerifier against SGLang's own ``/v1/chat/completions`` (images as ``image_url``
+    data URLs, SGLang applies the model's chat template): its greedy reply is the in-process multimodal
+    ModelVerifier's, and its body, sent with ``logprobs``, is scored on exactly the ModelVerifier's prompt
+    (same token count, images expanded once) with the same pixels (same log-probs); other images move them."""
+    import asyncio
+
+    import httpx
+
+    from megatron_guided.verifier.base import Turn, VerifierRequest
+    from megatron_guided.verifier.http import HttpVerifier
+    from megatron_guided.verifier.model import ModelVerifier
+
+    processor = VisionProcessor.from_pretrained(vl14_dir)
+    system = "Check the step against the image."
+    request = VerifierRequest(problem="Add 3 to the number in the image.", images=[disc((255, 0, 0), (56, 84))],
+                              dialogue=[Turn(role="policy", content="Step 1: 7 + 3 = 10.")], sample_id="s0")
+    engine = HFEngine(AutoModelForImageTextToText.from_pretrained(vl14_dir, dtype=torch.float32),
+                      tokenizer=processor.tokenizer)
+    local = ModelVerifier(engine, processor.tokenizer, system_prompt=system, temperature=0.0, max_tokens=12,
+                          processor=processor)
+    remote = HttpVerifier(served.servers[0].url + "/v1", model=str(vl14_dir), system_prompt=system,
+                          temperature=0.0, max_tokens=12, multimodal=True, timeout=60.0)
+
+    async def ask(verifier):
+        try:
+            return await verifier.verify(request)
+        finally:
+            await verifier.aclose()
+
+    assert asyncio.run(ask(remote)).raw_text == asyncio.run(ask(local)).raw_text
+
+    def scored(req: VerifierRequest) -> tuple[int, list[float]]:
+        body = remote.request_body(req) | {"logprobs": True}
+        answer = httpx.post(served.servers[0].url + "/v1/chat/completions", json=body, timeout=60.0).json()
+        return answer["usage"]["prompt_tokens"], [t["logprob"] for t in answer["choices"][0]["logprobs"]["content"]]
+
+    prompt_tokens, logprobs = scored(request)
+    expected = local.engine_request(request, SamplingParams(max_new_tokens=12, temperature=0.0))
+    assert prompt_tokens == len(expected.prompt_ids)
+    reference = engine.generate([expected])[0].logprobs
+    assert max(abs(a - b) for a, b in zip(logprobs, reference, strict=True)) < LOGPROB_TOL
+    _, moved = scored(VerifierRequest(problem=request.problem, dialogue=request.dialogue, sample_id="s1",
+                                      images=[disc((0, 200, 0), (56, 84))]))
+    assert max(abs(a - b) for a, b in zip(moved, logprobs)) > 1e-3
 
 
 def test_weight_update_reaches_the_vision_tower_and_the_language_model(served, vl14_dir):
