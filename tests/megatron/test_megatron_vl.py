@@ -18,8 +18,14 @@ from megatron_guided.data.dataset import build_prompt_dataset
 from megatron_guided.models.vision import VisionProcessor, load_policy_model
 from megatron_guided.rollout.trajectory import Trajectory
 from megatron_guided.train.batch import build_train_batch
-from tests.megatron.test_megatron_backend import (TEMPERATURE, TOL, UPDATE_KWARGS, actor_config,
-                                                  megatron_logprobs_and_weights, torch_update)
+from tests.megatron.test_megatron_backend import (
+    TEMPERATURE,
+    TOL,
+    UPDATE_KWARGS,
+    actor_config,
+    megatron_logprobs_and_weights,
+    torch_update,
+)
 
 pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.megatron

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import httpx
 
-from megatron_guided.utils.net import free_port
 from megatron_guided.config import SGLangConfig
+from megatron_guided.utils.net import free_port
 
 __all__ = ["SGLangServer", "SGLangServerError", "server_command", "server_env", "start_servers"]
 
