@@ -140,14 +140,19 @@ def test_resume_at_another_layout_continues_exactly(random_qwen2_dir, tmp_path, 
     finally:
         backend.close()
     assert (tmp_path / "huggingface" / "model.safetensors").is_file()
-    resumed = MegatronBackend(model_path=str(random_qwen2_dir), actor=actor_config(), **kwargs)
+    metrics, weights = resumed_step(random_qwen2_dir, tmp_path, second, **kwargs)
+    assert_same_update(metrics, weights, expected, expected_weights, names=("loss", "grad_norm", "clipfrac", "ppo_kl"))
+
+
+def resumed_step(model_path, checkpoint, batch, **kwargs) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """A fresh TP=1 MegatronBackend loads `checkpoint`, trains one step on `batch`: its metrics and weights."""
+    resumed = MegatronBackend(model_path=str(model_path), actor=actor_config(), **kwargs)
     try:
-        resumed.load_checkpoint(tmp_path)
-        metrics = resumed.train_step(second)
-        weights = dict(resumed.export_weights())
+        resumed.load_checkpoint(checkpoint)
+        metrics = resumed.train_step(batch)
+        return metrics, dict(resumed.export_weights())
     finally:
         resumed.close()
-    assert_same_update(metrics, weights, expected, expected_weights, names=("loss", "grad_norm", "clipfrac", "ppo_kl"))
 
 
 def megatron_logprobs_and_weights(model_path, layout: dict, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -24,6 +24,7 @@ from tests.megatron.test_megatron_backend import (
     UPDATE_KWARGS,
     actor_config,
     megatron_logprobs_and_weights,
+    resumed_step,
     torch_update,
 )
 
@@ -175,13 +176,7 @@ def test_vl_checkpoint_at_pp2_resumes_at_tp1(vl_setup, tmp_path):
         backend.close()
     exported = load_policy_model(tmp_path / "huggingface", dtype=torch.float32)  # (the trainer adds the
     assert exported.config.model_type == "qwen2_5_vl"  # tokenizer and image processor beside it)
-    resumed = MegatronBackend(model_path=str(path), actor=actor_config(), algorithm=AlgorithmConfig(), **UPDATE_KWARGS)
-    try:
-        resumed.load_checkpoint(tmp_path)
-        metrics = resumed.train_step(second)
-        weights = dict(resumed.export_weights())
-    finally:
-        resumed.close()
+    metrics, weights = resumed_step(path, tmp_path, second, algorithm=AlgorithmConfig(), **UPDATE_KWARGS)
     assert metrics["loss"] == pytest.approx(expected["loss"], abs=TOL)
     assert metrics["entropy"] == pytest.approx(expected["entropy"], abs=TOL)
     assert metrics["grad_norm"] == pytest.approx(expected["grad_norm"], rel=TOL)  # ~12 on the sharpened model
