@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from megatron_guided.config import Config, ConfigError, load_config, save_resolved
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_validate_and_yaml_then_cli_override(tmp_path):
@@ -57,3 +61,15 @@ def test_resolved_config_redacts_secrets(tmp_path):
     assert "sk-live-123" not in text and "redacted" in text and "format_weight: 0.1" in text
     assert yaml.safe_load(text)["worker"]["rollout"]["n"] == cfg.worker.rollout.n
     assert yaml.safe_load(text)["worker"]["rollout"]["verifier"]["stop_token"] == "###STOP###"  # not a secret
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (REPO / "examples").glob("*.yaml")))
+def test_every_shipped_example_config_loads_and_validates(example):
+    """A key renamed or a check added must not leave an example behind (SFT recipes use their schema)."""
+    from megatron_guided.sft import SFTConfig, validate_sft
+
+    path = f"config={REPO / 'examples' / example}"
+    if example.startswith("sft_"):
+        load_config([path], schema=SFTConfig, check=validate_sft)
+    else:
+        load_config([path])
