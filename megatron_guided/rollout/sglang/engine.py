@@ -14,8 +14,8 @@ prefixes across sessions (the n samples of one prompt), and evicts by LRU, so ``
 drops the routing entry.
 
 Images (vision-language policies and verifiers): a request's ``vision.images`` go as ``image_data``
-(PNG data URLs, encoded once per :class:`~megatron_guided.models.vision.VisionInputs`, however many
-turns and samples re-send them) and each image's token run is collapsed for SGLang to expand (see
+(PNG data URLs, encoded once per image however many turns, samples and verifier calls re-send it, see
+:mod:`.image_data`) and each image's token run is collapsed for SGLang to expand (see
 :mod:`.protocol`). Every turn re-sends the images, and SGLang's radix cache keys image tokens by image
 content, so the earlier turns' prefix is still served from the cache. A completion that emits an
 image/video placeholder ends there without it (see :mod:`.protocol`).
@@ -29,17 +29,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from megatron_guided.config import SGLangConfig
-from megatron_guided.data.images import png_data_url
 from megatron_guided.models.qwen2_5_vl import checkpoint_name
 from megatron_guided.rollout.engine import AsyncGenerator, Completion, GenerationRequest
 from megatron_guided.rollout.sglang.client import SGLangClient
+from megatron_guided.rollout.sglang.image_data import EncodedImages
 from megatron_guided.rollout.sglang.protocol import (
     ImageTokens,
     format_weight_version,
@@ -95,9 +94,6 @@ class SGLangEngine:
         timeout_s, max_retries, retry_interval_s: see :class:`SGLangClient`.
     """
 
-    IMAGE_CACHE_SIZE = 1024
-    """Encoded images kept (per VisionInputs, least recently used out): a step's prompts at the least."""
-
     def __init__(self, servers: Sequence[SGLangServer], *, vocab_size: int | None,
                  weight_sync: WeightSync | None = None, image_tokens: ImageTokens | None = None,
                  device: str = "cuda", pause_mode: str = "in_place",
@@ -105,7 +101,7 @@ class SGLangEngine:
         self.servers = list(servers)
         self.vocab_size = vocab_size
         self.image_tokens = image_tokens
-        self._image_data: OrderedDict[int, tuple[object, list[str]]] = OrderedDict()
+        self.encoded_images = EncodedImages()
         self.weight_sync = weight_sync
         self.device = device
         self.pause_mode = pause_mode
@@ -214,24 +210,10 @@ class SGLangEngine:
             raise RuntimeError(f"{what} is GPU-only: SGLang's CPU engine crashes on it, so it is never called "
                                "with device=cpu (colocated memory release needs worker.rollout.sglang.device=cuda)")
 
-    def _encoded_images(self, vision) -> list[str] | None:
-        """``vision.images`` as PNG data URLs, encoded once per VisionInputs object (turns and samples of
-        one prompt share it)."""
-        if vision is None:
-            return None
-        hit = self._image_data.get(id(vision))
-        if hit is not None and hit[0] is vision:
-            self._image_data.move_to_end(id(vision))
-            return hit[1]
-        urls = [png_data_url(image) for image in vision.images]
-        self._image_data[id(vision)] = (vision, urls)
-        while len(self._image_data) > self.IMAGE_CACHE_SIZE:
-            self._image_data.popitem(last=False)
-        return urls
-
     async def _generate_one(self, request: GenerationRequest) -> Completion:
         payload = generate_payload(request, vocab_size=self.vocab_size, image_tokens=self.image_tokens,
-                                   image_data=self._encoded_images(request.vision))
+                                   image_data=None if request.vision is None
+                                   else self.encoded_images.urls(request.vision.images))
         answer = await self.client.generate(payload, session_id=request.session_id)
         return parse_completion(answer, prompt_len=len(request.prompt_ids),
                                 placeholders=self.image_tokens.placeholders if self.image_tokens else ())
