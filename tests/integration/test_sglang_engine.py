@@ -90,7 +90,9 @@ def test_greedy_generation_matches_the_in_process_engine(engine, tokenizer, tiny
 def test_guided_multi_turn_rollout_reuses_the_radix_cache(engine, tokenizer, prompts):
     """Every continuation re-sends the whole dialogue; SGLang serves >= 90% of those tokens from its
     radix cache (sticky routing keeps a sample on its replica)."""
-    result = _load_bench().guided_batch(engine, tokenizer, prompts, max_turns=3, tokens_per_turn=24)
+    bench = _load_bench()
+    result = bench.guided_batch(engine, tokenizer, prompts, checker=bench.TASKS["arith"][2], max_turns=3,
+                                tokens_per_turn=24)
     assert result["guided/turns_mean"] > 1.5  # continuations happened
     assert result["engine/context_tokens_resent"] > 500
     print(f"prefix reuse {result['engine/prefix_reuse']:.3f} of {result['engine/context_tokens_resent']} tokens")
