@@ -1,4 +1,4 @@
-"""Loading the images of a dataset row (and encoding one for an HTTP request).
+"""Loading the images of a dataset row, and encoding them for HTTP requests.
 
 A row's image column holds a list whose items may be
 
@@ -11,6 +11,13 @@ A row's image column holds a list whose items may be
 
 Every image is fully decoded and converted to RGB here, so a truncated or corrupt file fails at
 load time (naming the row) instead of in the middle of training.
+
+Images travel in HTTP requests (SGLang ``image_data``, OpenAI ``image_url`` parts) as PNG data URLs.
+Every turn of a guided dialogue, every sample of a prompt and every verifier call re-sends the same
+images (the same PIL objects, carried from the data loader), so :class:`EncodedImages` encodes each
+image object once and reuses the URL while the image lives. Its entries hold only a weak reference to
+their image (it never keeps a dataset's images alive) and the URLs are bounded in bytes (least recently
+used out), because one high-resolution image is megabytes of base64.
 """
 
 from __future__ import annotations
@@ -19,13 +26,16 @@ import base64
 import io
 import math
 import os
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-__all__ = ["ImageLoadError", "load_image", "load_images", "png_data_url", "resize_to_pixel_budget"]
+__all__ = ["EncodedImages", "ImageLoadError", "load_image", "load_images", "png_data_url", "resize_to_pixel_budget"]
 
 
 class ImageLoadError(ValueError):
@@ -54,6 +64,61 @@ def png_data_url(image: Image.Image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class EncodedImages:
+    """``urls(images)``: the PNG data URL of each image, from the cache when that image object was seen.
+
+    Thread-safe (images are dropped, and their entries with them, from whichever thread frees them)."""
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.encoded = 0
+        """How many images were encoded (cache misses), for tests and stats."""
+        self._entries: OrderedDict[int, tuple[weakref.ref, str]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.RLock()  # re-entrant: a weakref callback may run inside a locked section
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def urls(self, images: Sequence[Image.Image]) -> list[str]:
+        return [self.url(image) for image in images]
+
+    def url(self, image: Image.Image) -> str:
+        key = id(image)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0]() is image:
+                self._entries.move_to_end(key)
+                return entry[1]
+        url = png_data_url(image)  # outside the lock: encoding is the slow part
+        with self._lock:
+            self.encoded += 1
+            self._remove(key)
+            self._entries[key] = (weakref.ref(image, self._on_free(key)), url)
+            self._bytes += len(url)
+            while self._bytes > self.max_bytes and len(self._entries) > 1:
+                self._remove(next(iter(self._entries)))
+        return url
+
+    def _on_free(self, key: int):
+        def drop(ref: weakref.ref) -> None:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None and entry[0] is ref:
+                    self._remove(key)
+
+        return drop
+
+    def _remove(self, key: int) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= len(entry[1])
 
 
 def _describe(item: Any) -> str:

@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from megatron_guided.data.images import png_data_url
+from megatron_guided.data.images import EncodedImages
 from megatron_guided.verifier.base import (
     DEFAULT_STOP_TOKEN,
     VerdictKind,
@@ -252,6 +252,7 @@ class HttpVerifier:
         self.top_k = int(top_k)
         self.max_tokens = int(max_tokens)
         self.multimodal = multimodal
+        self._encoded_images = EncodedImages()  # each image encoded once over a dialogue's verifier calls
         self._transport = transport
         self._rng = rng or random.Random()
         self._client: httpx.AsyncClient | None = None
@@ -305,13 +306,14 @@ class HttpVerifier:
 
     def request_body(self, request: VerifierRequest) -> dict[str, Any]:
         """The JSON body sent for `request`; with ``multimodal`` each image part becomes an OpenAI
-        ``image_url`` part holding the image as a base64 PNG data URL."""
+        ``image_url`` part holding the image as a base64 PNG data URL (encoded once per image object)."""
         messages = build_verifier_messages(request, system_prompt=self.system_prompt, multimodal=self.multimodal)
-        images = iter(request.images)
+        images = iter(request.images)  # encoded only where an image part asks for one (multimodal)
         for message in messages:
             if isinstance(message["content"], list):
-                message["content"] = [{"type": "image_url", "image_url": {"url": png_data_url(next(images))}}
-                                      if part["type"] == "image" else part for part in message["content"]]
+                message["content"] = [
+                    {"type": "image_url", "image_url": {"url": self._encoded_images.url(next(images))}}
+                    if part["type"] == "image" else part for part in message["content"]]
         body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,

@@ -15,7 +15,7 @@ drops the routing entry.
 
 Images (vision-language policies and verifiers): a request's ``vision.images`` go as ``image_data``
 (PNG data URLs, encoded once per image however many turns, samples and verifier calls re-send it, see
-:mod:`.image_data`) and each image's token run is collapsed for SGLang to expand (see
+:class:`~megatron_guided.data.images.EncodedImages`) and each image's token run is collapsed for SGLang to expand (see
 :mod:`.protocol`). Every turn re-sends the images, and SGLang's radix cache keys image tokens by image
 content, so the earlier turns' prefix is still served from the cache. A completion that emits an
 image/video placeholder ends there without it (see :mod:`.protocol`).
@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 
 from megatron_guided.config import SGLangConfig
+from megatron_guided.data.images import EncodedImages
 from megatron_guided.models.qwen2_5_vl import checkpoint_name
 from megatron_guided.rollout.engine import AsyncGenerator, Completion, GenerationRequest
 from megatron_guided.rollout.sglang.client import SGLangClient
-from megatron_guided.rollout.sglang.image_data import EncodedImages
 from megatron_guided.rollout.sglang.protocol import (
     ImageTokens,
     format_weight_version,
@@ -156,7 +156,7 @@ class SGLangEngine:
         if self.weight_sync is None:
             raise RuntimeError("this SGLang engine is frozen (no weight sync configured): it serves a fixed "
                                "model such as the verifier and is never updated")
-        if self.image_tokens is not None:  # SGLang's loader reads saved-checkpoint names, not transformers 5 module names
+        if self.image_tokens is not None:  # SGLang's loader reads saved-checkpoint names, not transformers 5's
             named_tensors = ((checkpoint_name(name), tensor) for name, tensor in named_tensors)
         version = self.weight_version + 1
         self._run(self._update(named_tensors, version))

@@ -10,8 +10,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from megatron_guided.data.images import png_data_url
-from megatron_guided.rollout.sglang.image_data import EncodedImages
+from megatron_guided.data.images import EncodedImages, png_data_url
 
 
 def noise(seed: int, size=(24, 16)) -> Image.Image:
