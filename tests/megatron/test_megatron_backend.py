@@ -133,15 +133,20 @@ def test_resume_at_another_layout_continues_exactly(random_qwen2_dir, tmp_path, 
     expected = reference.train_step(second)
     expected_weights = dict(reference.export_weights())
 
-    backend = MegatronBackend(model_path=str(random_qwen2_dir), actor=actor_config(**saved), **kwargs)
-    try:
-        backend.train_step(first)
-        backend.save_checkpoint(tmp_path)
-    finally:
-        backend.close()
+    checkpointed_step(random_qwen2_dir, saved, first, tmp_path, **kwargs)
     assert (tmp_path / "huggingface" / "model.safetensors").is_file()
     metrics, weights = resumed_step(random_qwen2_dir, tmp_path, second, **kwargs)
     assert_same_update(metrics, weights, expected, expected_weights, names=("loss", "grad_norm", "clipfrac", "ppo_kl"))
+
+
+def checkpointed_step(model_path, layout: dict, batch, checkpoint, **kwargs) -> None:
+    """A MegatronBackend at `layout` trains one step on `batch` and saves `checkpoint`."""
+    backend = MegatronBackend(model_path=str(model_path), actor=actor_config(**layout), **kwargs)
+    try:
+        backend.train_step(batch)
+        backend.save_checkpoint(checkpoint)
+    finally:
+        backend.close()
 
 
 def resumed_step(model_path, checkpoint, batch, **kwargs) -> tuple[dict[str, float], dict[str, torch.Tensor]]:

@@ -23,6 +23,7 @@ from tests.megatron.test_megatron_backend import (
     TOL,
     UPDATE_KWARGS,
     actor_config,
+    checkpointed_step,
     megatron_logprobs_and_weights,
     resumed_step,
     torch_update,
@@ -154,7 +155,6 @@ def test_vl_checkpoint_at_pp2_resumes_at_tp1(vl_setup, tmp_path):
     huggingface/ export loads as a Qwen2.5-VL."""
     from megatron_guided.config import AlgorithmConfig
     from megatron_guided.models.qwen2_5_vl import checkpoint_name
-    from megatron_guided.train.megatron_backend import MegatronBackend
     from megatron_guided.train.torch_backend import TorchBackend
 
     model, path, batch = vl_setup
@@ -167,13 +167,7 @@ def test_vl_checkpoint_at_pp2_resumes_at_tp1(vl_setup, tmp_path):
     expected = reference.train_step(second)
     expected_weights = {checkpoint_name(n): t for n, t in reference.export_weights()}
 
-    backend = MegatronBackend(model_path=str(path), actor=actor_config(pp=2), algorithm=AlgorithmConfig(),
-                              **UPDATE_KWARGS)
-    try:
-        backend.train_step(first)
-        backend.save_checkpoint(tmp_path)
-    finally:
-        backend.close()
+    checkpointed_step(path, {"pp": 2}, first, tmp_path, algorithm=AlgorithmConfig(), **UPDATE_KWARGS)
     exported = load_policy_model(tmp_path / "huggingface", dtype=torch.float32)  # (the trainer adds the
     assert exported.config.model_type == "qwen2_5_vl"  # tokenizer and image processor beside it)
     metrics, weights = resumed_step(path, tmp_path, second, algorithm=AlgorithmConfig(), **UPDATE_KWARGS)
